@@ -1,0 +1,211 @@
+"""Ledger benchmark: driver -> device -> driver, against a plain pread/pwrite loop.
+
+Measures, in one run and on the same image file:
+
+* the limit: a plain Python ``os.preadv``/``os.pwritev`` loop (4 KiB random,
+  1 MiB sequential) on the image, page cache warm;
+* the ledger: 4 KiB random read and write IOPS and 1 MiB sequential MB/s at
+  queue depth 1, 8, 32, 128, with 1 and 2 queues, on the RAM backend and on
+  the file backend.  Queue depth *d* means *d* requests in flight, submitted as
+  two alternating :class:`~ledger.client.Batch` es of *d/2* from two trio tasks
+  (a double-buffered pipeline), or a single task doing ``await blk.read()``
+  for d = 1;
+* the QD1 round trip (``await blk.read`` of one 4 KiB block, trio wake-up
+  included) and the process CPU time per request (device and driver threads
+  together) at QD32 on the RAM backend.
+
+The last line is machine-readable:
+``ledger qd32_ratio_vs_pread=<x> qd1_rtt_us=<y> cpu_us_per_req=<z>``
+(ratio = ledger file-backend 4 KiB random-read IOPS at QD32 / pread loop IOPS).
+
+Usage: ``python bench/ledger_bench.py [--quick] [--dir DIR] [--size 256M]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ledger import _spec as S  # noqa: E402
+from ledger._machine import Ledger  # noqa: E402
+from ledger.backend import FileBackend, RamBackend  # noqa: E402
+from ledger.client import Batch  # noqa: E402
+
+BS = 4096
+SEQ = 1 << 20
+
+
+def make_image(path: Path, size: int) -> None:
+    chunk = np.random.default_rng(1).integers(0, 256, size=SEQ, dtype=np.uint8).tobytes()
+    with open(path, "wb") as f:
+        for _ in range(size // SEQ):
+            f.write(chunk)
+    # Leave it in the page cache: the benchmark measures the I/O path, not the disk.
+    with open(path, "rb") as f:
+        while f.read(SEQ):
+            pass
+
+
+def pread_loop(path: Path, size: int, seconds: float, write: bool, block: int, sequential: bool) -> float:
+    fd = os.open(path, os.O_RDWR)
+    buf = bytearray(block)
+    nblocks = size // block
+    rng = np.random.default_rng(2)
+    offs = (rng.integers(0, nblocks, 1 << 16) * block).tolist()
+    n = 0
+    t0 = time.perf_counter()
+    deadline = t0 + seconds
+    try:
+        while True:
+            for i in range(256):
+                off = ((n + i) % nblocks) * block if sequential else offs[(n + i) & 0xFFFF]
+                if write:
+                    os.pwritev(fd, [buf], off)
+                else:
+                    os.preadv(fd, [buf], off)
+            n += 256
+            if time.perf_counter() >= deadline:
+                break
+    finally:
+        os.close(fd)
+    return n / (time.perf_counter() - t0)
+
+
+async def ledger_rate(
+    ledger: Ledger, qd: int, seconds: float, write: bool, block: int, sequential: bool
+) -> tuple[float, float, int]:
+    """Return (requests/s, CPU seconds, requests) for a fixed queue depth."""
+    nsect = block // 512
+    cap = ledger.capacity_sectors // nsect
+    rng = np.random.default_rng(3)
+    rtype = S.VIRTIO_BLK_T_OUT if write else S.VIRTIO_BLK_T_IN
+    async with ledger.trio() as blk:
+        if qd == 1:
+            buf = bytes(block)
+            n = 0
+            secs = (rng.integers(0, cap, 1 << 16) * nsect).tolist()
+            c0, t0 = time.process_time(), time.perf_counter()
+            deadline = t0 + seconds
+            while time.perf_counter() < deadline:
+                for _ in range(64):
+                    s = (n % cap) * nsect if sequential else secs[n & 0xFFFF]
+                    if write:
+                        await blk.write(s, buf)
+                    else:
+                        await blk.read(s, nsect)
+                    n += 1
+            return n / (time.perf_counter() - t0), time.process_time() - c0, n
+        half = max(1, qd // 2)
+        bufs = [np.array([blk.alloc_buffer(block)[0] for _ in range(half)], np.uint64) for _ in range(2)]
+        counts = [0, 0]
+        c0, t0 = time.process_time(), time.perf_counter()
+        deadline = t0 + seconds
+
+        async def pump(k: int) -> None:
+            pos = k * half
+            while time.perf_counter() < deadline:
+                if sequential:
+                    secs = ((np.arange(pos, pos + half) % cap) * nsect).astype(np.uint64)
+                    pos += 2 * half
+                else:
+                    secs = (rng.integers(0, cap, half) * nsect).astype(np.uint64)
+                await blk.submit_batch(Batch.uniform(rtype, secs, nsect, bufs[k]))
+                counts[k] += half
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump, 0)
+            nursery.start_soon(pump, 1)
+        elapsed = time.perf_counter() - t0
+        n = sum(counts)
+        return n / elapsed, time.process_time() - c0, n
+
+
+async def qd1_rtt(ledger: Ledger, seconds: float) -> float:
+    async with ledger.trio() as blk:
+        lat: list[float] = []
+        deadline = time.perf_counter() + seconds
+        cap = ledger.capacity_sectors // 8
+        i = 0
+        while time.perf_counter() < deadline:
+            t = time.perf_counter()
+            await blk.read((i * 7919 % cap) * 8, 8)
+            lat.append(time.perf_counter() - t)
+            i += 1
+        return float(np.median(lat)) * 1e6
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="short runs (< 30 s in all)")
+    ap.add_argument("--dir", default=None, help="where to put the image (default: a temp dir on /var/tmp)")
+    ap.add_argument("--size", default="256M", help="image size (default 256M)")
+    args = ap.parse_args()
+    size = int(args.size.rstrip("MmBb")) << 20
+    secs = 0.25 if args.quick else 1.0
+    qds = [1, 8, 32, 128]
+    queue_counts = [1, 2]
+    with tempfile.TemporaryDirectory(dir=args.dir or "/var/tmp") as tmp:
+        img = Path(tmp) / "bench.img"
+        make_image(img, size)
+        rows: list[tuple[str, str, float, str]] = []
+        base_rr = pread_loop(img, size, secs, False, BS, False)
+        base_rw = pread_loop(img, size, secs, True, BS, False)
+        base_sr = pread_loop(img, size, secs, False, SEQ, True) * SEQ / 1e6
+        base_sw = pread_loop(img, size, secs, True, SEQ, True) * SEQ / 1e6
+        rows += [
+            ("pread loop", "4K randread", base_rr, "IOPS"),
+            ("pwrite loop", "4K randwrite", base_rw, "IOPS"),
+            ("pread loop", "1M seqread", base_sr, "MB/s"),
+            ("pwrite loop", "1M seqwrite", base_sw, "MB/s"),
+        ]
+        print(f"limit: pread 4K {base_rr:,.0f} IOPS, pwrite 4K {base_rw:,.0f} IOPS, "
+              f"read 1M {base_sr:,.0f} MB/s, write 1M {base_sw:,.0f} MB/s", flush=True)  # fmt: skip
+        results: dict[tuple[str, int, int, str], float] = {}
+        cpu_per_req = float("nan")
+        for backend_name in ("ram", "file"):
+            for nq in queue_counts:
+                def make() -> Ledger:
+                    be = RamBackend(size) if backend_name == "ram" else FileBackend(img)  # noqa: B023
+                    return Ledger(be, num_queues=nq, queue_size=256, device_queues=nq)  # noqa: B023
+                for qd in qds:
+                    for job in ("randread", "randwrite"):
+                        with make() as led:
+                            rate, cpu, n = trio.run(ledger_rate, led, qd, secs, job == "randwrite", BS, False)
+                        results[(backend_name, nq, qd, job)] = rate
+                        if backend_name == "ram" and nq == 1 and qd == 32 and job == "randread":
+                            cpu_per_req = cpu / n * 1e6
+                        rows.append((f"ledger {backend_name} q{nq} qd{qd}", f"4K {job}", rate, "IOPS"))
+                        print(f"{backend_name:4} queues={nq} qd={qd:<3} {job:9} {rate:>12,.0f} IOPS "
+                              f"cpu {cpu / n * 1e6:6.2f} us/req", flush=True)  # fmt: skip
+                for job in ("seqread", "seqwrite"):
+                    with make() as led:
+                        rate, cpu, n = trio.run(ledger_rate, led, 8, secs, job == "seqwrite", SEQ, True)
+                    mbs = rate * SEQ / 1e6
+                    rows.append((f"ledger {backend_name} q{nq} qd8", f"1M {job}", mbs, "MB/s"))
+                    print(f"{backend_name:4} queues={nq} qd=8   {job:9} {mbs:>12,.0f} MB/s", flush=True)
+        with Ledger(FileBackend(img), num_queues=1, device_queues=1) as led:
+            rtt = trio.run(qd1_rtt, led, secs)
+        ratio = results[("file", 1, 32, "randread")] / base_rr
+        print()
+        print("| target | job | result | unit | vs limit |")
+        print("|---|---|---:|---|---:|")
+        base = {"4K randread": base_rr, "4K randwrite": base_rw, "1M seqread": base_sr, "1M seqwrite": base_sw}
+        for who, job, val, unit in rows:
+            print(f"| {who} | {job} | {val:,.0f} | {unit} | {val / base[job]:.2f} |")
+        print()
+        print(f"QD1 round trip (file, trio, 4 KiB read): {rtt:.1f} us median")
+        print(f"ledger qd32_ratio_vs_pread={ratio:.2f} qd1_rtt_us={rtt:.1f} cpu_us_per_req={cpu_per_req:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

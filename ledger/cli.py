@@ -1,0 +1,229 @@
+"""``ledger``: talk to a disk image through the virtio-blk driver/device pair.
+
+Every command below builds a :class:`~ledger.Ledger` on the image - guest
+memory, a virtio-blk device serving the file, and the driver that probes it
+through its registers - and goes through the rings like a guest kernel would.
+
+Exit status:
+  0  success
+  1  the request failed (the device answered IOERR/UNSUPP, or broke the protocol)
+  2  bad usage or input: unknown option, missing image, image size not a
+     multiple of 512, sector out of range, text that does not fit
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import _spec as S
+from ._machine import Ledger
+from .backend import BackendError
+from .errors import DeviceError, DriverError, IOFailure, LedgerError
+
+EXIT_OK = 0
+EXIT_IO = 1
+EXIT_USAGE = 2
+
+DEFAULT_IMAGE = "storage.img"
+
+
+class UsageError(Exception):
+    """Bad input from the user: a one-line message and exit status 2."""
+
+
+def parse_size(text: str) -> int:
+    """``64M`` -> 67108864.  Accepts K, M, G, T (powers of 1024) and a plain byte count."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = 1
+    if t and t[-1] in "KMGT":
+        mult = 1024 ** ("KMGT".index(t[-1]) + 1)
+        t = t[:-1]
+    try:
+        value = int(t) * mult
+    except ValueError:
+        raise UsageError(f"cannot read size {text!r}: use a number with an optional K, M, G or T suffix") from None
+    if value <= 0:
+        raise UsageError(f"size {text!r} must be positive")
+    return value
+
+
+def hexdump(data: bytes, base: int = 0) -> str:
+    """``hexdump -C`` style: offset, 16 bytes in hex, the printable characters; repeats as ``*``."""
+    lines: list[str] = []
+    prev: bytes | None = None
+    starred = False
+    for off in range(0, len(data), 16):
+        row = data[off : off + 16]
+        if row == prev and off + 16 < len(data):
+            if not starred:
+                lines.append("*")
+                starred = True
+            continue
+        starred = False
+        prev = row
+        hx = " ".join(f"{b:02x}" for b in row[:8]) + "  " + " ".join(f"{b:02x}" for b in row[8:])
+        txt = "".join(chr(b) if 32 <= b < 127 else "." for b in row)
+        lines.append(f"{base + off:08x}  {hx:<49} |{txt}|")
+    lines.append(f"{base + len(data):08x}")
+    return "\n".join(lines)
+
+
+def _open(path: str, read_only: bool) -> Ledger:
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"{path}: no such image (create one with `ledger create {path} --size 64M`)")
+    if not p.is_file() and not p.is_block_device():
+        raise UsageError(f"{path}: not a regular file or block device")
+    try:
+        return Ledger.open(p, read_only=read_only, num_queues=1, pool_bytes=16 << 20)
+    except BackendError as e:
+        raise UsageError(str(e)) from None
+    except PermissionError:
+        raise UsageError(f"{path}: permission denied") from None
+
+
+def _check_sectors(ledger: Ledger, sector: int, count: int) -> None:
+    cap = ledger.capacity_sectors
+    if sector < 0 or count <= 0 or sector + count > cap:
+        last = f"{sector + count - 1}" if count > 1 else f"{sector}"
+        raise UsageError(f"sector {last} is out of range: the image has {cap} sectors (0..{cap - 1})")
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    size = parse_size(args.size)
+    if size % 512:
+        raise UsageError(f"size {size} is not a multiple of 512 bytes")
+    p = Path(args.image)
+    if p.exists() and not args.force:
+        raise UsageError(f"{p}: already exists (use --force to resize it)")
+    with open(p, "wb") as f:
+        f.truncate(size)
+    print(f"{p}: {size} bytes ({size // 512} sectors), sparse")
+    return EXIT_OK
+
+
+def cmd_dd_read(args: argparse.Namespace) -> int:
+    with _open(args.image, read_only=True) as ledger:
+        _check_sectors(ledger, args.sector, args.count)
+        data = ledger.sync().read(args.sector, args.count)
+    if args.raw:
+        sys.stdout.buffer.write(data)
+    else:
+        print(hexdump(data, args.sector * 512))
+    return EXIT_OK
+
+
+def cmd_dd_write(args: argparse.Namespace) -> int:
+    if args.file is not None:
+        try:
+            payload = Path(args.file).read_bytes()
+        except OSError as e:
+            raise UsageError(f"{args.file}: {e.strerror}") from None
+    elif args.text is not None:
+        payload = args.text.encode()
+    else:
+        raise UsageError("give the TEXT to write or --file F")
+    if not payload:
+        raise UsageError("nothing to write")
+    nsect = -(-len(payload) // 512)
+    data = payload + bytes(nsect * 512 - len(payload))
+    with _open(args.image, read_only=False) as ledger:
+        _check_sectors(ledger, args.sector, nsect)
+        blk = ledger.sync()
+        blk.write(args.sector, data)
+        blk.flush()
+    print(f"wrote {len(payload)} bytes ({nsect} sector{'s' if nsect > 1 else ''}) at sector {args.sector}")
+    return EXIT_OK
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    with _open(args.image, read_only=args.read_only) as ledger:
+        drv = ledger.driver
+        cfg = drv.config
+        serial = ledger.sync().get_id().decode(errors="replace")
+        print(f"image:        {args.image}")
+        print(f"capacity:     {cfg.capacity} sectors ({cfg.capacity * 512} bytes)")
+        print(f"serial:       {serial}")
+        print(f"block size:   {cfg.blk_size} (physical 2^{cfg.physical_block_exp} blocks, "
+              f"min io {cfg.min_io_size}, opt io {cfg.opt_io_size})")  # fmt: skip
+        print(f"cache:        {'writeback' if cfg.writeback else 'writethrough'}")
+        print(f"segments:     up to {cfg.seg_max} of {cfg.size_max} bytes")
+        print(f"discard:      {cfg.max_discard_sectors} sectors x {cfg.max_discard_seg} segments")
+        print(f"write zeroes: {cfg.max_write_zeroes_sectors} sectors x {cfg.max_write_zeroes_seg} segments"
+              f"{', may unmap' if cfg.write_zeroes_may_unmap else ''}")  # fmt: skip
+        print(f"device queues: {cfg.num_queues}")
+        print("offered:      " + " ".join(S.feature_names(drv.device_features)))
+        print("negotiated:   " + " ".join(S.feature_names(drv.features)))
+        for q in drv.queues:
+            print(f"queue {q.index}:      {q.size} entries, desc {q.state.desc_gpa:#x} "
+                  f"avail {q.state.avail_gpa:#x} used {q.state.used_gpa:#x}")  # fmt: skip
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ledger",
+        description="Read and write a disk image through a virtio-blk driver/device pair.",
+        epilog="Exit status: 0 success, 1 the device failed the request, 2 bad usage or input.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def image_opt(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--image", default=DEFAULT_IMAGE, help=f"disk image (default: ./{DEFAULT_IMAGE})")
+
+    c = sub.add_parser("create", help="create a sparse image file")
+    c.add_argument("image", nargs="?", default=DEFAULT_IMAGE)
+    c.add_argument("--size", "-s", required=True, help="size with K/M/G/T suffix, e.g. 64M")
+    c.add_argument("--force", "-f", action="store_true", help="resize an existing file")
+    c.set_defaults(func=cmd_create)
+
+    dd = sub.add_parser("dd", help="read or write sectors (the Rumpk shell's dd syntax)")
+    ddsub = dd.add_subparsers(dest="dd_command", required=True)
+    r = ddsub.add_parser("read", help="hexdump sectors")
+    r.add_argument("sector", type=int)
+    r.add_argument("--count", "-n", type=int, default=1, help="sectors to read (default 1)")
+    r.add_argument("--raw", action="store_true", help="write the bytes to stdout instead of a hexdump")
+    image_opt(r)
+    r.set_defaults(func=cmd_dd_read)
+    w = ddsub.add_parser("write", help="write TEXT (or --file F), zero-padded to whole sectors")
+    w.add_argument("sector", type=int)
+    w.add_argument("text", nargs="?")
+    w.add_argument("--file", "-f")
+    image_opt(w)
+    w.set_defaults(func=cmd_dd_write)
+
+    i = sub.add_parser("info", help="capacity, features offered and negotiated, queues")
+    image_opt(i)
+    i.add_argument("--read-only", action="store_true", help="open the image read-only (the device offers RO)")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc: int = args.func(args)
+        return rc
+    except UsageError as e:
+        print(f"ledger: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except IOFailure as e:
+        print(f"ledger: {e}", file=sys.stderr)
+        return EXIT_IO
+    except (DeviceError, DriverError, LedgerError) as e:
+        print(f"ledger: {e}", file=sys.stderr)
+        return EXIT_IO
+    except OSError as e:
+        print(f"ledger: {e.filename or args.image}: {e.strerror}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(e, FileNotFoundError | PermissionError | IsADirectoryError) else EXIT_IO
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

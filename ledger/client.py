@@ -1,0 +1,830 @@
+"""Block I/O over the driver: a buffer pool, request batching, and two front ends.
+
+Theory of operation
+-------------------
+:class:`Engine` turns block operations into virtio-blk requests and back.  It
+owns three things besides the driver's queues:
+
+* a **buffer pool** in guest memory: the device can only DMA to and from
+  guest memory, so every data buffer lives there (callers' bytes are copied in
+  for writes and out for reads - one ``memcpy`` - or, with :class:`Batch`,
+  callers use pool buffers directly and nothing is copied);
+* a **staging area**: parallel numpy arrays (type, sector, buffer, length,
+  group, index) where requests wait until one kernel call publishes all of
+  them with one index update and at most one kick;
+* a **group table**: a group is one caller-visible operation (one ``read``,
+  one :class:`Batch`), possibly many requests.  The harvest kernel counts a
+  group's completions and records its first failure, so Python wakes one waiter
+  per group and touches no per-request object.
+
+Two front ends share the engine:
+
+* :class:`SyncBlk` blocks the calling thread: it polls the used ring briefly,
+  then sleeps in ``poll(2)`` on the queue's interrupt eventfd.  mkfs and fsck
+  use it.
+* :class:`TrioBlk` serves many concurrent trio tasks.  A task stages its
+  requests and, if no flush is pending, yields once before flushing so that
+  every task that became runnable in the same scheduling round joins the same
+  batch.  One reaper task per queue harvests completions (polling for
+  ``poll_us`` before arming the interrupt and sleeping in
+  ``trio.lowlevel.wait_readable``), wakes the groups, and flushes whatever
+  waited for descriptors.  Waiting for a request is shielded from
+  cancellation: once the device owns a buffer the buffer must not be reused
+  before the device gives it back, exactly as a kernel waits for DMA to end.
+
+The engine is single-threaded: all calls come from one thread.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import struct
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import trio
+
+from . import _driver_kernels as K
+from . import _spec as S
+from .driver import DriverQueue, VirtioBlkDriver
+from .errors import DeviceError, DriverError, IOFailure
+
+SECTOR = S.VIRTIO_BLK_SECTOR_SIZE
+_MIN_CLASS = 4096
+
+
+class BufferPool:
+    """Power-of-two size classes of guest-memory buffers, carved from one arena.
+
+    ``alloc`` returns a GPA or ``None`` when the arena is exhausted (the caller
+    waits for buffers to come back).  Buffers are 4 KiB aligned.
+    """
+
+    def __init__(self, driver: VirtioBlkDriver, arena_bytes: int, max_buffer: int) -> None:
+        self.max_buffer = max(_MIN_CLASS, 1 << (max_buffer - 1).bit_length())
+        self.base = driver.alloc.alloc(arena_bytes, 4096)
+        self.end = self.base + arena_bytes
+        self._next = self.base
+        self._free: dict[int, list[int]] = {}
+        self.mem = driver.memory
+
+    @staticmethod
+    def size_class(nbytes: int) -> int:
+        return max(_MIN_CLASS, 1 << (max(nbytes, 1) - 1).bit_length())
+
+    def alloc(self, nbytes: int) -> int | None:
+        cls = self.size_class(nbytes)
+        if cls > self.max_buffer:
+            raise DriverError(f"buffer of {nbytes} bytes is larger than the pool's {self.max_buffer}")
+        lst = self._free.get(cls)
+        if lst:
+            return lst.pop()
+        if self._next + cls > self.end:
+            return None
+        gpa = self._next
+        self._next += cls
+        return gpa
+
+    def free(self, gpa: int, nbytes: int) -> None:
+        self._free.setdefault(self.size_class(nbytes), []).append(gpa)
+
+    def view(self, gpa: int, nbytes: int) -> npt.NDArray[np.uint8]:
+        off = gpa - self.mem.base
+        return self.mem.array[off : off + nbytes]
+
+
+@dataclass
+class Batch:
+    """Many requests submitted with one kernel call and completed as one group.
+
+    Arrays are parallel; ``buf`` holds guest-physical addresses of buffers the
+    caller allocated with :meth:`Engine.alloc_buffer` (or 0 for FLUSH).
+
+    Example:
+        >>> b = Batch.reads(sectors=np.array([0, 8]), nsectors=8, bufs=np.array([gpa0, gpa1]))  # doctest: +SKIP
+    """
+
+    rtype: npt.NDArray[np.uint32]
+    sector: npt.NDArray[np.uint64]
+    buf: npt.NDArray[np.uint64]
+    nbytes: npt.NDArray[np.int64]
+
+    def __len__(self) -> int:
+        return len(self.rtype)
+
+    @classmethod
+    def uniform(
+        cls, rtype: int, sectors: npt.ArrayLike, nsectors: int, bufs: npt.ArrayLike
+    ) -> Batch:
+        sec = np.asarray(sectors, dtype=np.uint64)
+        k = len(sec)
+        return cls(
+            rtype=np.full(k, rtype, dtype=np.uint32),
+            sector=sec,
+            buf=np.asarray(bufs, dtype=np.uint64),
+            nbytes=np.full(k, nsectors * SECTOR, dtype=np.int64),
+        )
+
+
+class Engine:
+    """Staging, groups, buffers and completion dispatch over a driver's queues."""
+
+    def __init__(self, driver: VirtioBlkDriver, *, pool_bytes: int = 32 << 20, staging: int = 8192) -> None:
+        if not driver.queues:
+            raise DriverError("driver has no queues (was it reset?)")
+        self.driver = driver
+        self.mem = driver.memory.array
+        self.queues: list[DriverQueue] = driver.queues
+        self.capacity = driver.capacity_sectors
+        self.max_request = driver.max_request_bytes
+        self.pool = BufferPool(driver, pool_bytes, self.max_request)
+        ring_total = sum(q.size for q in self.queues)
+        ngroups = 2 * ring_total + 64
+        self.grp_remaining = np.zeros(ngroups, dtype=np.int32)
+        self.grp_err_status = np.zeros(ngroups, dtype=np.int32)
+        self.grp_err_idx = np.zeros(ngroups, dtype=np.int32)
+        self.grp_bytes = np.zeros(ngroups, dtype=np.int64)
+        self.free_groups = list(range(ngroups - 1, -1, -1))
+        self.on_done: list[Callable[[int], None] | None] = [None] * ngroups
+        self.out_groups = np.zeros(max(q.size for q in self.queues), dtype=np.int32)
+        self.st_rtype = np.zeros(staging, dtype=np.uint32)
+        self.st_sector = np.zeros(staging, dtype=np.uint64)
+        self.st_buf = np.zeros(staging, dtype=np.uint64)
+        self.st_nbytes = np.zeros(staging, dtype=np.int64)
+        self.st_group = np.zeros(staging, dtype=np.int32)
+        self.st_gidx = np.zeros(staging, dtype=np.int32)
+        self.st_head = 0  # first staged request not yet submitted
+        self.st_count = 0  # staged requests in total (submitted ones before st_head)
+        self._rr = 0
+        self.broken: DeviceError | None = None
+        for q in self.queues:
+            K.set_interrupts(self.mem, q.q, False)
+
+    # --- groups and staging -------------------------------------------------------
+
+    def new_group(self, nrequests: int, on_done: Callable[[int], None]) -> int | None:
+        if not self.free_groups:
+            return None
+        g = self.free_groups.pop()
+        self.grp_remaining[g] = nrequests
+        self.grp_err_status[g] = 0
+        self.grp_err_idx[g] = 0
+        self.grp_bytes[g] = 0
+        self.on_done[g] = on_done
+        return g
+
+    def release_group(self, g: int) -> tuple[int, int, int]:
+        """Free group ``g``; return (first error status or 0, its index, used bytes)."""
+        res = int(self.grp_err_status[g]), int(self.grp_err_idx[g]), int(self.grp_bytes[g])
+        self.on_done[g] = None
+        self.free_groups.append(g)
+        return res
+
+    def staging_room(self) -> int:
+        if self.st_head == self.st_count:
+            self.st_head = self.st_count = 0
+        return len(self.st_rtype) - self.st_count
+
+    def stage(self, rtype: int, sector: int, buf: int, nbytes: int, group: int, gidx: int) -> None:
+        i = self.st_count
+        self.st_rtype[i] = rtype
+        self.st_sector[i] = sector
+        self.st_buf[i] = buf
+        self.st_nbytes[i] = nbytes
+        self.st_group[i] = group
+        self.st_gidx[i] = gidx
+        self.st_count = i + 1
+
+    def stage_batch(self, batch: Batch, group: int) -> None:
+        i, k = self.st_count, len(batch)
+        self.st_rtype[i : i + k] = batch.rtype
+        self.st_sector[i : i + k] = batch.sector
+        self.st_buf[i : i + k] = batch.buf
+        self.st_nbytes[i : i + k] = batch.nbytes
+        self.st_group[i : i + k] = group
+        self.st_gidx[i : i + k] = np.arange(k, dtype=np.int32)
+        self.st_count = i + k
+
+    @property
+    def staged(self) -> int:
+        return self.st_count - self.st_head
+
+    def flush(self) -> int:
+        """Publish staged requests, spreading them over the queues; return how many went."""
+        total = 0
+        nq = len(self.queues)
+        for _ in range(nq):
+            if self.st_head == self.st_count:
+                break
+            q = self.queues[self._rr]
+            qs = q.state
+            self._rr = (self._rr + 1) % nq
+            done = K.submit_requests(
+                self.mem, q.q, qs.free_next, qs.chain_next, qs.head_ndesc, qs.head_group, qs.head_gidx,
+                self.st_rtype, self.st_sector, self.st_buf, self.st_nbytes, self.st_group, self.st_gidx,
+                self.st_head, self.st_count - self.st_head, q.notify_fd, qs.kick_buf,
+            )  # fmt: skip
+            self.st_head += done
+            total += done
+        if self.st_head == self.st_count:
+            self.st_head = self.st_count = 0
+        return total
+
+    def harvest(self, q: DriverQueue) -> int:
+        """Consume q's used entries and run the callbacks of completed groups."""
+        qs = q.state
+        n = K.harvest(
+            self.mem, qs.q, qs.free_next, qs.chain_next, qs.head_ndesc, qs.head_group, qs.head_gidx,
+            self.grp_remaining, self.grp_err_status, self.grp_err_idx, self.grp_bytes, self.out_groups,
+        )  # fmt: skip
+        if n < 0:
+            self.fail(DeviceError(f"queue {q.index}: " + _queue_error(q)))
+            return 0
+        for g in self.out_groups[:n].tolist():
+            cb = self.on_done[g]
+            if cb is not None:
+                cb(g)
+        return n
+
+    def fail(self, err: DeviceError) -> None:
+        """The device broke the protocol: fail every waiter; the ledger needs a reset."""
+        if self.broken is None:
+            self.broken = err
+        for g, cb in enumerate(self.on_done):
+            if cb is not None:
+                self.grp_err_status[g] = -1
+                cb(g)
+
+    def check_device(self) -> None:
+        """After an interrupt: acknowledge it and notice DEVICE_NEEDS_RESET."""
+        t = self.driver.transport
+        isr = t.read32(S.VIRTIO_MMIO_INTERRUPT_STATUS)
+        if isr:
+            t.write32(S.VIRTIO_MMIO_INTERRUPT_ACK, isr)
+        if isr & S.VIRTIO_MMIO_INT_CONFIG and self.driver.needs_reset():
+            self.fail(DeviceError("device set DEVICE_NEEDS_RESET (see the device diagnostics)"))
+
+    # --- request building -------------------------------------------------------
+
+    def check_range(self, sector: int, nsectors: int, write: bool) -> None:
+        if self.broken is not None:
+            raise self.broken
+        if sector < 0 or nsectors < 0 or sector + nsectors > self.capacity:
+            raise DriverError(
+                f"sectors {sector}..{sector + nsectors - 1} are outside the device "
+                f"({self.capacity} sectors)"
+            )
+        if write and self.driver.read_only:
+            raise DriverError("the device is read-only (VIRTIO_BLK_F_RO)")
+
+    def split(self, sector: int, nbytes: int) -> list[tuple[int, int]]:
+        """Cut ``nbytes`` at ``sector`` into (sector, bytes) pieces of at most one request."""
+        step = self.max_request
+        return [(sector + off // SECTOR, min(step, nbytes - off)) for off in range(0, nbytes, step)]
+
+    def raise_for(self, g: int, rtypes: Sequence[int] | int, sectors: Sequence[int]) -> None:
+        st, idx, _ = self.release_group(g)
+        if st == -1:
+            raise self.broken or DeviceError("device failed")
+        if st:
+            rt = rtypes if isinstance(rtypes, int) else rtypes[idx]
+            raise IOFailure(st, rt, sectors[idx] if idx < len(sectors) else -1, idx)
+
+
+def _queue_error(q: DriverQueue) -> str:
+    from .driver import describe_queue_error
+
+    return describe_queue_error(int(q.q[K.Q_ERROR]), int(q.q[K.Q_ERROR_ARG]))
+
+
+def _segments(ranges: Iterable[tuple[int, int]], flags: int, max_sectors: int) -> list[tuple[int, int, int]]:
+    out: list[tuple[int, int, int]] = []
+    for sector, n in ranges:
+        while n > 0:
+            step = min(n, max_sectors) if max_sectors else n
+            out.append((sector, step, flags))
+            sector += step
+            n -= step
+    return out
+
+
+# ---------------------------------------------------------------------------------
+# Blocking front end
+
+
+class SyncBlk:
+    """Blocking block I/O for single-threaded tools (mkfs, fsck, the CLI).
+
+    Args:
+        engine: the engine over an initialised driver.
+        poll_us: how long to spin on the used ring before sleeping.
+    """
+
+    def __init__(self, engine: Engine, *, poll_us: int = 50) -> None:
+        self.e = engine
+        self.poll_ns = poll_us * 1000
+        self._done: set[int] = set()
+        self._poller = select.poll()
+        self._fd_queue: dict[int, DriverQueue] = {}
+        for q in engine.queues:
+            self._poller.register(q.interrupt_fd, select.POLLIN)
+            self._fd_queue[q.interrupt_fd] = q
+
+    @property
+    def capacity(self) -> int:
+        """Device capacity in 512-byte sectors."""
+        return self.e.capacity
+
+    def _mark(self, g: int) -> None:
+        self._done.add(g)
+
+    def _wait(self, g: int) -> None:
+        e = self.e
+        while g not in self._done:
+            if e.staged:
+                e.flush()
+            busy = [q for q in e.queues if q.inflight]
+            if not busy:
+                if e.staged:
+                    continue
+                raise DriverError("internal: waiting for a group with nothing in flight")
+            progressed = False
+            for q in busy:
+                if K.poll_used(e.mem, q.q, self.poll_ns // len(busy)):
+                    e.harvest(q)
+                    progressed = True
+            if progressed or g in self._done:
+                continue
+            # Nothing came while polling: arm interrupts and sleep.
+            pending = False
+            for q in busy:
+                pending |= bool(K.set_interrupts(e.mem, q.q, True))
+            if not pending:
+                for fd, _ in self._poller.poll(1000):
+                    try:
+                        os.read(fd, 8)
+                    except BlockingIOError:
+                        pass
+                e.check_device()
+            for q in busy:
+                K.set_interrupts(e.mem, q.q, False)
+                e.harvest(q)
+        self._done.discard(g)
+
+    def _run(self, reqs: Sequence[tuple[int, int, int, int]]) -> int:
+        """Run (type, sector, buf, nbytes) requests as one group; return the group."""
+        e = self.e
+        g = e.new_group(len(reqs), self._mark)
+        if g is None:
+            raise DriverError("internal: out of request groups")
+        if e.staging_room() < len(reqs):
+            e.flush()
+        for i, (t, sector, buf, nbytes) in enumerate(reqs):
+            e.stage(t, sector, buf, nbytes, g, i)
+        e.flush()
+        self._wait(g)
+        return g
+
+    def _window(self, nbytes: int) -> int:
+        return max(self.e.max_request, min(8 << 20, (self.e.pool.end - self.e.pool.base) // 4))
+
+    def read(self, sector: int, nsectors: int) -> bytes:
+        """Read ``nsectors`` 512-byte sectors starting at ``sector``."""
+        e = self.e
+        e.check_range(sector, nsectors, False)
+        total = nsectors * SECTOR
+        out = bytearray(total)
+        win = self._window(total)
+        for w0 in range(0, total, win):
+            pieces = e.split(sector + w0 // SECTOR, min(win, total - w0))
+            bufs = [self._alloc(n) for _, n in pieces]
+            try:
+                g = self._run([(S.VIRTIO_BLK_T_IN, s, b, n) for (s, n), b in zip(pieces, bufs, strict=True)])
+                e.raise_for(g, S.VIRTIO_BLK_T_IN, [s for s, _ in pieces])
+                pos = w0
+                for (_, n), b in zip(pieces, bufs, strict=True):
+                    out[pos : pos + n] = e.pool.view(b, n)
+                    pos += n
+            finally:
+                for (_, n), b in zip(pieces, bufs, strict=True):
+                    e.pool.free(b, n)
+        return bytes(out)
+
+    def write(self, sector: int, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` (a whole number of sectors) starting at ``sector``."""
+        e = self.e
+        src = np.frombuffer(data, dtype=np.uint8)
+        if len(src) % SECTOR:
+            raise DriverError(f"write of {len(src)} bytes is not a whole number of 512-byte sectors")
+        e.check_range(sector, len(src) // SECTOR, True)
+        win = self._window(len(src))
+        for w0 in range(0, len(src), win):
+            pieces = e.split(sector + w0 // SECTOR, min(win, len(src) - w0))
+            bufs = [self._alloc(n) for _, n in pieces]
+            try:
+                pos = w0
+                for (_, n), b in zip(pieces, bufs, strict=True):
+                    e.pool.view(b, n)[:] = src[pos : pos + n]
+                    pos += n
+                g = self._run([(S.VIRTIO_BLK_T_OUT, s, b, n) for (s, n), b in zip(pieces, bufs, strict=True)])
+                e.raise_for(g, S.VIRTIO_BLK_T_OUT, [s for s, _ in pieces])
+            finally:
+                for (_, n), b in zip(pieces, bufs, strict=True):
+                    e.pool.free(b, n)
+
+    def readv(self, requests: Sequence[tuple[int, int]]) -> list[bytes]:
+        """Read many (sector, nsectors) ranges with all requests in flight at once."""
+        e = self.e
+        pieces: list[tuple[int, int, int]] = []  # (owner, sector, bytes)
+        for i, (sector, n) in enumerate(requests):
+            e.check_range(sector, n, False)
+            pieces.extend((i, s, b) for s, b in e.split(sector, n * SECTOR))
+        out = [bytearray(n * SECTOR) for _, n in requests]
+        done = 0
+        while done < len(pieces):
+            chunk: list[tuple[int, int, int, int]] = []
+            budget = self._window(0) * 2
+            while done + len(chunk) < len(pieces) and (not chunk or budget > 0):
+                i, s, b = pieces[done + len(chunk)]
+                gpa = self.e.pool.alloc(b)
+                if gpa is None:
+                    break
+                chunk.append((i, s, b, gpa))
+                budget -= b
+            if not chunk:
+                raise DriverError("buffer pool exhausted")
+            try:
+                g = self._run([(S.VIRTIO_BLK_T_IN, s, gpa, b) for _, s, b, gpa in chunk])
+                e.raise_for(g, S.VIRTIO_BLK_T_IN, [s for _, s, _, _ in chunk])
+                for i, s, b, gpa in chunk:
+                    pos = (s - requests[i][0]) * SECTOR
+                    out[i][pos : pos + b] = e.pool.view(gpa, b)
+            finally:
+                for _, _, b, gpa in chunk:
+                    e.pool.free(gpa, b)
+            done += len(chunk)
+        return [bytes(o) for o in out]
+
+    def writev(self, requests: Sequence[tuple[int, bytes | bytearray | memoryview]]) -> None:
+        """Write many (sector, data) pieces with all requests in flight at once."""
+        e = self.e
+        pieces: list[tuple[int, int, npt.NDArray[np.uint8]]] = []
+        for sector, data in requests:
+            src = np.frombuffer(data, dtype=np.uint8)
+            if len(src) % SECTOR:
+                raise DriverError(f"write of {len(src)} bytes is not a whole number of 512-byte sectors")
+            e.check_range(sector, len(src) // SECTOR, True)
+            for s, b in e.split(sector, len(src)):
+                off = (s - sector) * SECTOR
+                pieces.append((s, b, src[off : off + b]))
+        done = 0
+        while done < len(pieces):
+            chunk: list[tuple[int, int, int]] = []
+            budget = self._window(0) * 2
+            while done + len(chunk) < len(pieces) and (not chunk or budget > 0):
+                s, b, src = pieces[done + len(chunk)]
+                gpa = e.pool.alloc(b)
+                if gpa is None:
+                    break
+                e.pool.view(gpa, b)[:] = src
+                chunk.append((s, b, gpa))
+                budget -= b
+            if not chunk:
+                raise DriverError("buffer pool exhausted")
+            try:
+                g = self._run([(S.VIRTIO_BLK_T_OUT, s, gpa, b) for s, b, gpa in chunk])
+                e.raise_for(g, S.VIRTIO_BLK_T_OUT, [s for s, _, _ in chunk])
+            finally:
+                for _, b, gpa in chunk:
+                    e.pool.free(gpa, b)
+            done += len(chunk)
+
+    def flush(self) -> None:
+        """VIRTIO_BLK_T_FLUSH: everything completed before is durable when this returns."""
+        if self.e.broken is not None:
+            raise self.e.broken
+        if not self.e.driver.has(S.VIRTIO_BLK_F_FLUSH):
+            return  # no volatile cache: writes are durable on completion (§5.2.6.2)
+        g = self._run([(S.VIRTIO_BLK_T_FLUSH, 0, 0, 0)])
+        self.e.raise_for(g, S.VIRTIO_BLK_T_FLUSH, [0])
+
+    def _ranges_op(self, rtype: int, feature: int, ranges: Sequence[tuple[int, int]], flags: int) -> None:
+        e = self.e
+        if not e.driver.has(feature):
+            name = S.FEATURE_NAMES[feature]
+            raise DriverError(f"device did not negotiate VIRTIO_{name}")
+        cfg = e.driver.config
+        for sector, n in ranges:
+            e.check_range(sector, n, True)
+        if rtype == S.VIRTIO_BLK_T_DISCARD:
+            max_sec, max_seg = cfg.max_discard_sectors, cfg.max_discard_seg
+        else:
+            max_sec, max_seg = cfg.max_write_zeroes_sectors, cfg.max_write_zeroes_seg
+        segs = _segments(ranges, flags, max_sec)
+        per_req = max(1, min(max_seg or 1, 4096 // 16))
+        for i in range(0, len(segs), per_req):
+            part = segs[i : i + per_req]
+            raw = b"".join(struct.pack("<QII", s, n, f) for s, n, f in part)
+            gpa = self._alloc(len(raw))
+            try:
+                e.pool.view(gpa, len(raw))[:] = np.frombuffer(raw, dtype=np.uint8)
+                g = self._run([(rtype, 0, gpa, len(raw))])
+                e.raise_for(g, rtype, [part[0][0]])
+            finally:
+                e.pool.free(gpa, len(raw))
+
+    def discard(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """VIRTIO_BLK_T_DISCARD the (sector, nsectors) ranges: they may read back as anything."""
+        self._ranges_op(S.VIRTIO_BLK_T_DISCARD, S.VIRTIO_BLK_F_DISCARD, ranges, 0)
+
+    def write_zeroes(self, ranges: Sequence[tuple[int, int]], *, unmap: bool = False) -> None:
+        """VIRTIO_BLK_T_WRITE_ZEROES: the ranges read back as zeros (``unmap`` lets the device deallocate)."""
+        flags = S.VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP if unmap else 0
+        self._ranges_op(S.VIRTIO_BLK_T_WRITE_ZEROES, S.VIRTIO_BLK_F_WRITE_ZEROES, ranges, flags)
+
+    def get_id(self) -> bytes:
+        """VIRTIO_BLK_T_GET_ID: the device serial, without trailing NULs."""
+        gpa = self._alloc(S.VIRTIO_BLK_ID_BYTES)
+        try:
+            g = self._run([(S.VIRTIO_BLK_T_GET_ID, 0, gpa, S.VIRTIO_BLK_ID_BYTES)])
+            self.e.raise_for(g, S.VIRTIO_BLK_T_GET_ID, [0])
+            return bytes(self.e.pool.view(gpa, S.VIRTIO_BLK_ID_BYTES)).rstrip(b"\0")
+        finally:
+            self.e.pool.free(gpa, S.VIRTIO_BLK_ID_BYTES)
+
+    def submit_batch(self, batch: Batch) -> None:
+        """Run a :class:`Batch` of requests on caller-owned pool buffers; raise on the first failure."""
+        e = self.e
+        for start in range(0, len(batch), len(e.st_rtype)):
+            part = batch if len(batch) <= len(e.st_rtype) else _slice(batch, start, len(e.st_rtype))
+            g = e.new_group(len(part), self._mark)
+            if g is None:
+                raise DriverError("internal: out of request groups")
+            e.stage_batch(part, g)
+            e.flush()
+            self._wait(g)
+            e.raise_for(g, part.rtype.tolist(), part.sector.tolist())
+
+    def _alloc(self, nbytes: int) -> int:
+        gpa = self.e.pool.alloc(nbytes)
+        if gpa is None:
+            raise DriverError("guest buffer pool exhausted")
+        return gpa
+
+
+def _slice(b: Batch, start: int, n: int) -> Batch:
+    s = slice(start, start + n)
+    return Batch(b.rtype[s], b.sector[s], b.buf[s], b.nbytes[s])
+
+
+# ---------------------------------------------------------------------------------
+# trio front end
+
+
+class TrioBlk:
+    """Concurrent block I/O for trio tasks; see the module docstring.
+
+    Use through :meth:`ledger.Ledger.trio` (``async with ledger.trio() as blk``),
+    which runs the reaper tasks in a nursery for the client's lifetime.
+    """
+
+    def __init__(self, engine: Engine, *, poll_us: int = 30) -> None:
+        self.e = engine
+        self.poll_ns = poll_us * 1000
+        self._events: dict[int, trio.Event] = {}
+        self._flush_pending = False
+        self._work = [trio.Event() for _ in engine.queues]
+        self._space = trio.Event()  # set when descriptors, staging room or buffers come back
+
+    @property
+    def capacity(self) -> int:
+        return self.e.capacity
+
+    # --- plumbing ---------------------------------------------------------------
+
+    def _mark(self, g: int) -> None:
+        ev = self._events.pop(g, None)
+        if ev is not None:
+            ev.set()
+
+    def _wake_space(self) -> None:
+        self._space.set()
+        self._space = trio.Event()
+
+    def _kick_reapers(self) -> None:
+        for i, q in enumerate(self.e.queues):
+            if q.inflight:
+                self._work[i].set()
+
+    async def _submit_group(self, reqs: Sequence[tuple[int, int, int, int]] | Batch) -> int:
+        e = self.e
+        n = len(reqs)
+        while True:
+            if e.broken is not None:
+                raise e.broken
+            if e.free_groups and e.staging_room() >= n:
+                break
+            await self._space.wait()
+        ev = trio.Event()
+        g = e.new_group(n, self._mark)
+        assert g is not None  # checked above, and nothing awaited since
+        self._events[g] = ev
+        if isinstance(reqs, Batch):
+            e.stage_batch(reqs, g)
+        else:
+            for i, (t, sector, buf, nbytes) in enumerate(reqs):
+                e.stage(t, sector, buf, nbytes, g, i)
+        if not self._flush_pending:
+            # Yield once so the other tasks runnable now stage their requests too;
+            # then one kernel call publishes them all.
+            self._flush_pending = True
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            self._flush_pending = False
+            e.flush()
+            self._kick_reapers()
+        with trio.CancelScope(shield=True):
+            await ev.wait()
+        return g
+
+    async def _alloc(self, nbytes: int) -> int:
+        while True:
+            gpa = self.e.pool.alloc(nbytes)
+            if gpa is not None:
+                return gpa
+            if self.e.broken is not None:
+                raise self.e.broken
+            await self._space.wait()
+
+    def _free(self, gpa: int, nbytes: int) -> None:
+        self.e.pool.free(gpa, nbytes)
+        self._wake_space()
+
+    async def run_reapers(self) -> None:
+        """Run one reaper per queue until cancelled (the ledger's nursery does this)."""
+        async with trio.open_nursery() as nursery:
+            for i in range(len(self.e.queues)):
+                nursery.start_soon(self._reaper, i)
+
+    async def _reaper(self, i: int) -> None:
+        e = self.e
+        q = e.queues[i]
+        mem = e.mem
+        while True:
+            if not q.inflight:
+                self._work[i] = trio.Event()
+                if not q.inflight:
+                    await self._work[i].wait()
+                continue
+            if K.poll_used(mem, q.q, self.poll_ns):
+                self._reap(q)
+                await trio.lowlevel.checkpoint()
+                continue
+            if K.set_interrupts(mem, q.q, True):
+                K.set_interrupts(mem, q.q, False)
+                continue
+            await trio.lowlevel.wait_readable(q.interrupt_fd)
+            try:
+                os.read(q.interrupt_fd, 8)
+            except BlockingIOError:
+                pass
+            K.set_interrupts(mem, q.q, False)
+            e.check_device()
+            self._reap(q)
+
+    def _reap(self, q: DriverQueue) -> None:
+        e = self.e
+        before = q.num_free
+        e.harvest(q)
+        if e.staged:
+            e.flush()
+            self._kick_reapers()
+        if q.num_free != before or e.broken is not None:
+            self._wake_space()
+
+    # --- public API ---------------------------------------------------------------
+
+    async def read(self, sector: int, nsectors: int) -> bytes:
+        """Read ``nsectors`` sectors at ``sector``."""
+        e = self.e
+        e.check_range(sector, nsectors, False)
+        total = nsectors * SECTOR
+        pieces = e.split(sector, total)
+        if len(pieces) == 1:
+            gpa = await self._alloc(total)
+            try:
+                g = await self._submit_group([(S.VIRTIO_BLK_T_IN, sector, gpa, total)])
+                e.raise_for(g, S.VIRTIO_BLK_T_IN, [sector])
+                return e.pool.view(gpa, total).tobytes()
+            finally:
+                self._free(gpa, total)
+        out = bytearray(total)
+        win = max(e.max_request, 8 << 20)
+        for w0 in range(0, total, win):
+            part = e.split(sector + w0 // SECTOR, min(win, total - w0))
+            bufs = [await self._alloc(n) for _, n in part]
+            try:
+                g = await self._submit_group([(S.VIRTIO_BLK_T_IN, s, b, n) for (s, n), b in zip(part, bufs, strict=True)])
+                e.raise_for(g, S.VIRTIO_BLK_T_IN, [s for s, _ in part])
+                pos = w0
+                for (_, n), b in zip(part, bufs, strict=True):
+                    out[pos : pos + n] = e.pool.view(b, n)
+                    pos += n
+            finally:
+                for (_, n), b in zip(part, bufs, strict=True):
+                    self._free(b, n)
+        return bytes(out)
+
+    async def write(self, sector: int, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` (whole sectors) at ``sector``."""
+        e = self.e
+        src = np.frombuffer(data, dtype=np.uint8)
+        if len(src) % SECTOR:
+            raise DriverError(f"write of {len(src)} bytes is not a whole number of 512-byte sectors")
+        e.check_range(sector, len(src) // SECTOR, True)
+        win = max(e.max_request, 8 << 20)
+        for w0 in range(0, len(src), win):
+            part = e.split(sector + w0 // SECTOR, min(win, len(src) - w0))
+            bufs = [await self._alloc(n) for _, n in part]
+            try:
+                pos = w0
+                for (_, n), b in zip(part, bufs, strict=True):
+                    e.pool.view(b, n)[:] = src[pos : pos + n]
+                    pos += n
+                g = await self._submit_group([(S.VIRTIO_BLK_T_OUT, s, b, n) for (s, n), b in zip(part, bufs, strict=True)])
+                e.raise_for(g, S.VIRTIO_BLK_T_OUT, [s for s, _ in part])
+            finally:
+                for (_, n), b in zip(part, bufs, strict=True):
+                    self._free(b, n)
+
+    async def flush(self) -> None:
+        """VIRTIO_BLK_T_FLUSH: all writes completed before it are durable when it returns."""
+        if not self.e.driver.has(S.VIRTIO_BLK_F_FLUSH):
+            return
+        g = await self._submit_group([(S.VIRTIO_BLK_T_FLUSH, 0, 0, 0)])
+        self.e.raise_for(g, S.VIRTIO_BLK_T_FLUSH, [0])
+
+    async def _ranges_op(self, rtype: int, feature: int, ranges: Sequence[tuple[int, int]], flags: int) -> None:
+        e = self.e
+        if not e.driver.has(feature):
+            raise DriverError(f"device did not negotiate VIRTIO_{S.FEATURE_NAMES[feature]}")
+        for sector, n in ranges:
+            e.check_range(sector, n, True)
+        cfg = e.driver.config
+        if rtype == S.VIRTIO_BLK_T_DISCARD:
+            max_sec, max_seg = cfg.max_discard_sectors, cfg.max_discard_seg
+        else:
+            max_sec, max_seg = cfg.max_write_zeroes_sectors, cfg.max_write_zeroes_seg
+        segs = _segments(ranges, flags, max_sec)
+        per_req = max(1, min(max_seg or 1, 4096 // 16))
+        for i in range(0, len(segs), per_req):
+            part = segs[i : i + per_req]
+            raw = b"".join(struct.pack("<QII", s, n, f) for s, n, f in part)
+            gpa = await self._alloc(len(raw))
+            try:
+                e.pool.view(gpa, len(raw))[:] = np.frombuffer(raw, dtype=np.uint8)
+                g = await self._submit_group([(rtype, 0, gpa, len(raw))])
+                e.raise_for(g, rtype, [part[0][0]])
+            finally:
+                self._free(gpa, len(raw))
+
+    async def discard(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """VIRTIO_BLK_T_DISCARD the (sector, nsectors) ranges."""
+        await self._ranges_op(S.VIRTIO_BLK_T_DISCARD, S.VIRTIO_BLK_F_DISCARD, ranges, 0)
+
+    async def write_zeroes(self, ranges: Sequence[tuple[int, int]], *, unmap: bool = False) -> None:
+        """VIRTIO_BLK_T_WRITE_ZEROES the (sector, nsectors) ranges."""
+        flags = S.VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP if unmap else 0
+        await self._ranges_op(S.VIRTIO_BLK_T_WRITE_ZEROES, S.VIRTIO_BLK_F_WRITE_ZEROES, ranges, flags)
+
+    async def get_id(self) -> bytes:
+        """VIRTIO_BLK_T_GET_ID: the device serial without trailing NULs."""
+        n = S.VIRTIO_BLK_ID_BYTES
+        gpa = await self._alloc(n)
+        try:
+            g = await self._submit_group([(S.VIRTIO_BLK_T_GET_ID, 0, gpa, n)])
+            self.e.raise_for(g, S.VIRTIO_BLK_T_GET_ID, [0])
+            return bytes(self.e.pool.view(gpa, n)).rstrip(b"\0")
+        finally:
+            self._free(gpa, n)
+
+    def alloc_buffer(self, nbytes: int) -> tuple[int, npt.NDArray[np.uint8]]:
+        """A guest buffer for :class:`Batch` requests: (GPA, writable numpy view)."""
+        gpa = self.e.pool.alloc(nbytes)
+        if gpa is None:
+            raise DriverError("guest buffer pool exhausted")
+        return gpa, self.e.pool.view(gpa, nbytes)
+
+    async def submit_batch(self, batch: Batch) -> None:
+        """Submit a whole :class:`Batch` with one kernel call (one kick) and wait for all of it.
+
+        Raises:
+            IOFailure: for the lowest-indexed failed request (``.index``).
+        """
+        if len(batch) > len(self.e.st_rtype):
+            raise DriverError(f"batch of {len(batch)} is larger than the staging area ({len(self.e.st_rtype)})")
+        g = await self._submit_group(batch)
+        self.e.raise_for(g, batch.rtype.tolist() if self.e.grp_err_status[g] else 0, batch.sector.tolist()
+                         if self.e.grp_err_status[g] else [])

@@ -1,0 +1,223 @@
+"""The driver and the device together, over random traffic, against a bytearray model.
+
+Every configuration the driver must work in is exercised: with and without
+EVENT_IDX and INDIRECT_DESC, one to four queues, small and large queues, the
+device completing in order, in reverse and shuffled, the sync and the trio
+front ends, and a run long enough to cross the 16-bit index wrap.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ledger import _spec as S
+from ledger._machine import Ledger
+from ledger.client import Batch
+from ledger.driver import SUPPORTED_MASK
+from ledger.errors import DriverError, IOFailure
+
+MB = 1 << 20
+NO_EVENT_IDX = SUPPORTED_MASK & ~(1 << S.VIRTIO_RING_F_EVENT_IDX)
+NO_INDIRECT = SUPPORTED_MASK & ~(1 << S.VIRTIO_RING_F_INDIRECT_DESC)
+BARE = NO_EVENT_IDX & NO_INDIRECT & ~(1 << S.VIRTIO_BLK_F_MQ)
+
+CONFIGS = {
+    "all": dict(features=None),
+    "no-event-idx": dict(features=NO_EVENT_IDX),
+    "no-indirect": dict(features=NO_INDIRECT),
+    "bare": dict(features=BARE),
+}
+
+
+class Model:
+    """What the disk must contain: bytes, with discarded ranges allowed to be anything."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.data = bytearray(nbytes)
+        self.known = np.ones(nbytes // 512, dtype=bool)
+
+    def write(self, sector: int, data: bytes) -> None:
+        self.data[sector * 512 : sector * 512 + len(data)] = data
+        self.known[sector : sector + len(data) // 512] = True
+
+    def zero(self, sector: int, n: int) -> None:
+        self.write(sector, bytes(n * 512))
+
+    def discard(self, sector: int, n: int) -> None:
+        self.known[sector : sector + n] = False
+
+    def check(self, sector: int, got: bytes) -> None:
+        n = len(got) // 512
+        for i in range(n):
+            if self.known[sector + i]:
+                want = self.data[(sector + i) * 512 : (sector + i + 1) * 512]
+                assert got[i * 512 : (i + 1) * 512] == want, f"sector {sector + i} differs"
+
+
+ops = st.lists(
+    st.tuples(
+        st.sampled_from(["read", "write", "write", "flush", "zeroes", "discard", "readv"]),
+        st.integers(0, 2047),
+        st.integers(1, 600),
+        st.integers(0, 255),
+    ),
+    min_size=1,
+    max_size=25,
+)
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@settings(max_examples=12)
+@given(
+    script=ops,
+    queue_size=st.sampled_from([4, 16, 256]),
+    nq=st.integers(1, 4),
+    order=st.sampled_from(["fifo", "reverse", "shuffle"]),
+)
+def test_sync_random_mix_matches_model(config: str, script, queue_size: int, nq: int, order: str) -> None:
+    size = 2048 * 512
+    with Ledger.ram(size, num_queues=nq, device_queues=4, queue_size=queue_size, completion_order=order,
+                    pool_bytes=8 * MB, **CONFIGS[config]) as led:  # fmt: skip
+        blk = led.sync()
+        model = Model(size)
+        for op, sector, n, fill in script:
+            n = min(n, 2048 - sector)
+            if op == "read":
+                model.check(sector, blk.read(sector, n))
+            elif op == "readv":
+                half = max(1, n // 2)
+                got = blk.readv([(sector, half), (0, 1), (sector, n)])
+                model.check(sector, got[0])
+                model.check(0, got[1])
+                model.check(sector, got[2])
+            elif op == "write":
+                data = bytes([fill]) * (n * 512)
+                blk.write(sector, data)
+                model.write(sector, data)
+            elif op == "flush":
+                blk.flush()
+            elif op == "zeroes":
+                blk.write_zeroes([(sector, n)])
+                model.zero(sector, n)
+            else:
+                blk.discard([(sector, n)])
+                model.discard(sector, n)
+        model.check(0, blk.read(0, 2048))
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("order", ["fifo", "shuffle"])
+async def test_trio_concurrent_tasks_match_model(config: str, order: str) -> None:
+    """Sixteen tasks, each owning a region, mixing sizes; everything in flight at once."""
+    size = 4 * MB
+    rng = random.Random(f"{config}-{order}")
+    with Ledger.ram(size, num_queues=2, device_queues=2, queue_size=32, completion_order=order,
+                    pool_bytes=8 * MB, **CONFIGS[config]) as led:  # fmt: skip
+        model = Model(size)
+        region = size // 512 // 16
+
+        async with led.trio() as blk:
+
+            async def worker(k: int) -> None:
+                base = k * region
+                r = random.Random(rng.random())
+                for _ in range(30):
+                    sector = base + r.randrange(region - 64)
+                    n = r.choice([1, 8, 8, 64])
+                    if r.random() < 0.5:
+                        data = r.randbytes(n * 512)
+                        await blk.write(sector, data)
+                        model.write(sector, data)
+                    else:
+                        model.check(sector, await blk.read(sector, n))
+                    if r.random() < 0.1:
+                        await blk.flush()
+
+            async with trio.open_nursery() as nursery:
+                for k in range(16):
+                    nursery.start_soon(worker, k)
+            model.check(0, await blk.read(0, size // 512))
+            assert (await blk.get_id()) != b""
+
+
+def test_index_wrap_is_crossed_with_data_intact() -> None:
+    """More than 65,536 requests through one queue: both 16-bit indices wrap."""
+    with Ledger.ram(MB, num_queues=1, device_queues=1, queue_size=256, pool_bytes=4 * MB) as led:
+        blk = led.sync()
+        blk.write(0, bytes(range(256)) * 2 * 2048)
+        bufs = np.array([led.engine.pool.alloc(512) for _ in range(256)], np.uint64)
+        sectors = (np.arange(256) * 7 % 2048).astype(np.uint64)
+        for _ in range(270):
+            blk.submit_batch(Batch.uniform(S.VIRTIO_BLK_T_IN, sectors, 1, bufs))
+        q = led.driver.queues[0]
+        assert int(q.q[22]) >= 65536 + 256  # Q_SUBMITTED
+        for i in (0, 255):
+            assert bytes(led.engine.pool.view(int(bufs[i]), 512)) == bytes(range(256)) * 2
+        assert blk.read(5, 1) == bytes(range(256)) * 2
+
+
+async def test_ring_full_submitters_wait_and_nothing_is_lost() -> None:
+    """A queue of 4 with 64 concurrent requests: most must wait for descriptors."""
+    with Ledger.ram(MB, num_queues=1, device_queues=1, queue_size=4, features=NO_INDIRECT,
+                    pool_bytes=4 * MB) as led:  # fmt: skip
+        async with led.trio() as blk:
+            async def one(i: int) -> None:
+                await blk.write(i * 8, bytes([i]) * 4096)
+
+            async with trio.open_nursery() as n:
+                for i in range(64):
+                    n.start_soon(one, i)
+            data = await blk.read(0, 64 * 8)
+        assert all(data[i * 4096 : (i + 1) * 4096] == bytes([i]) * 4096 for i in range(64))
+
+
+def test_large_request_is_split_by_the_negotiated_limits() -> None:
+    with Ledger.ram(8 * MB, num_queues=1, device_queues=1, max_request_bytes=64 << 10, pool_bytes=4 * MB) as led:
+        blk = led.sync()
+        data = random.Random(1).randbytes(3 * MB + 512)
+        blk.write(1, data)
+        assert blk.read(1, len(data) // 512) == data
+        assert led.driver.max_request_bytes == 64 << 10
+
+
+def test_out_of_range_and_read_only_are_driver_errors(tmp_path) -> None:
+    img = tmp_path / "ro.img"
+    img.write_bytes(bytes(MB))
+    with Ledger.open(img, read_only=True) as led:
+        assert led.driver.read_only
+        blk = led.sync()
+        with pytest.raises(DriverError, match="read-only"):
+            blk.write(0, bytes(512))
+        with pytest.raises(DriverError, match="outside the device"):
+            blk.read(2048, 1)
+        assert blk.read(2047, 1) == bytes(512)
+
+
+def test_device_ioerr_surfaces_as_iofailure_with_the_failing_request() -> None:
+    """A batch with one request past the end: the device says IOERR for exactly that one."""
+    with Ledger.ram(MB, num_queues=1, device_queues=1) as led:
+        blk = led.sync()
+        bufs = np.array([led.engine.pool.alloc(512) for _ in range(4)], np.uint64)
+        sectors = np.array([0, 1, 5000, 2], np.uint64)
+        with pytest.raises(IOFailure) as ei:
+            blk.submit_batch(Batch.uniform(S.VIRTIO_BLK_T_IN, sectors, 1, bufs))
+        assert ei.value.index == 2 and ei.value.status == S.VIRTIO_BLK_S_IOERR and ei.value.sector == 5000
+        assert blk.read(0, 1) == bytes(512)  # the queue is still healthy
+
+
+def test_file_backend_round_trip_and_flush(tmp_path) -> None:
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(2 * MB))
+    data = random.Random(7).randbytes(MB)
+    with Ledger.open(img) as led:
+        blk = led.sync()
+        blk.write(100, data)
+        blk.flush()
+        assert blk.read(100, MB // 512) == data
+    assert img.read_bytes()[100 * 512 : 100 * 512 + MB] == data
