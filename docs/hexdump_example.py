@@ -1,0 +1,62 @@
+"""Regenerate the worked hexdump of docs/FORMAT.md §9.
+
+Usage: PYTHONPATH=. python docs/hexdump_example.py
+Formats a 256 KiB image with 1 KiB blocks, 32 inodes, a fixed UUID, hash seed and time, then prints the
+non-zero 16-byte lines of each interesting block.
+"""
+
+from __future__ import annotations
+
+import sys
+
+sys.path.insert(0, "tests/sovfs")  # the bytearray device used by the tests
+from fakedev import FakeBlockDevice
+
+from sovfs.mkfs_core import MkfsParams, make_filesystem
+
+
+def hexdump(data: bytes, base: int) -> list[str]:
+    lines = []
+    skipped = False
+    prev = None
+    for off in range(0, len(data), 16):
+        chunk = data[off : off + 16]
+        if chunk == prev:  # like hexdump -C: '*' stands for lines repeating the previous one
+            if not skipped:
+                lines.append("*")
+            skipped = True
+            continue
+        skipped = False
+        prev = chunk
+        hx = " ".join(f"{b:02x}" for b in chunk[:8]) + "  " + " ".join(f"{b:02x}" for b in chunk[8:])
+        asc = "".join(chr(b) if 32 <= b < 127 else "." for b in chunk)
+        lines.append(f"{base + off:08x}  {hx}  |{asc}|")
+    return lines
+
+
+def main() -> None:
+    dev = FakeBlockDevice(256 * 1024)
+    sb = make_filesystem(dev, MkfsParams(
+        block_size=1024, inode_count=32, label=b"demo", uuid=bytes(range(0x10, 0x20)),
+        hash_seed=bytes(range(0xA0, 0xB0)), journal_bytes=32 * 1024, now_ns=1_700_000_000_123_456_789,
+    ))
+    bs = sb.block_size
+    regions = [
+        ("primary superblock (block 1)", 1024, 1024),
+        ("block bitmap (block 2)", sb.block_bitmap_start * bs, bs),
+        ("inode bitmap (block 3)", sb.inode_bitmap_start * bs, bs),
+        ("inode table, first block: inodes 1 and 2", sb.inode_table_start * bs, bs),
+        (f"journal superblock (block {sb.journal_start})", sb.journal_start * bs, bs),
+        (f"root directory node (block {sb.data_start})", sb.data_start * bs, bs),
+        (f"lost+found directory node (block {sb.data_start + 1})", (sb.data_start + 1) * bs, bs),
+    ]
+    print(f"# {sb.block_count} blocks of {bs}, {sb.inode_count} inodes, journal {sb.journal_blocks} blocks "
+          f"at {sb.journal_start}, data from {sb.data_start}, backup superblock at {sb.backup_sb_block}")
+    for title, off, ln in regions:
+        print(f"\n# {title}")
+        print("\n".join(hexdump(bytes(dev.data[off : off + ln]), off)))
+        print(f"{off + ln:08x}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Command-line tools: mkfs.sovfs (and fsck.sovfs, dump later). Thin: parsing, messages, exit codes."""

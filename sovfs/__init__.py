@@ -1,0 +1,1 @@
+"""SovFS, the Sovereign Filesystem: a small, precisely specified inode filesystem (see docs/FORMAT.md)."""

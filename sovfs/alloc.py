@@ -1,0 +1,124 @@
+"""Bitmap allocators for blocks and inodes (FORMAT.md §2.6).
+
+Theory of operation
+-------------------
+A :class:`BitmapAllocator` owns one bitmap region (block bitmap or inode bitmap).  Bits live only in the
+cached bitmap blocks; every change is made inside a transaction and dirties the bitmap block.  Searches
+use numpy over a whole bitmap block at a time, never a per-bit Python loop.
+
+Block allocation is extent-friendly: :meth:`alloc_run` looks for a free run of the wanted length starting
+at a *goal* (the block after the file's previous extent), takes the first run that is long enough, and
+otherwise the longest run it saw, so that large writes become few, large extents.
+
+Invariants: ``free`` equals the number of zero bits (recounted on abort); bits past ``nbits`` are set
+and never allocated; items below ``reserved_below`` are never returned.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sovfs.cache import Buf, BufferCache
+from sovfs.errors import Corrupt, NoSpace
+from sovfs.format import HEADER_SIZE, BlockType, bits_per_bitmap_block
+from sovfs.journal import Transaction
+
+__all__ = ["BitmapAllocator"]
+
+
+class BitmapAllocator:
+    def __init__(
+        self, cache: BufferCache, start: int, nblocks: int, nbits: int, btype: BlockType, what: str,
+    ) -> None:
+        self.cache = cache
+        self.start = start
+        self.nblocks = nblocks
+        self.nbits = nbits
+        self.btype = btype
+        self.what = what
+        self.bpb = bits_per_bitmap_block(cache.bs)
+        self.free = 0
+        self.recount()
+
+    def _buf(self, k: int) -> Buf:
+        return self.cache.read(self.start + k, self.btype, 0, 0)
+
+    def _bits(self, k: int) -> np.ndarray:
+        arr = np.frombuffer(self._buf(k).data, dtype=np.uint8, offset=HEADER_SIZE)
+        return np.unpackbits(arr, bitorder="little")
+
+    def recount(self) -> None:
+        bufs = self.cache.read_many([self.start + k for k in range(self.nblocks)], self.btype)
+        used = 0
+        for b in bufs:
+            used += int(np.unpackbits(np.frombuffer(b.data, dtype=np.uint8, offset=HEADER_SIZE)).sum())
+        self.free = self.nblocks * self.bpb - used
+
+    def is_used(self, item: int) -> bool:
+        k, r = divmod(item, self.bpb)
+        return bool(self._buf(k).data[HEADER_SIZE + r // 8] >> (r % 8) & 1)
+
+    def _set(self, tx: Transaction, start: int, count: int, value: bool) -> None:
+        """Set or clear bits [start, start+count); every bit must currently have the opposite value."""
+        while count > 0:
+            k, r = divmod(start, self.bpb)
+            n = min(count, self.bpb - r)
+            buf = self._buf(k)
+            arr = np.frombuffer(buf.data, dtype=np.uint8, offset=HEADER_SIZE)
+            bits = np.unpackbits(arr, bitorder="little")
+            seg = bits[r : r + n]
+            if (value and seg.any()) or (not value and not seg.all()):
+                raise Corrupt(f"{self.what} bitmap: double {'allocation' if value else 'free'} at {start}")
+            bits[r : r + n] = 1 if value else 0
+            buf.data[HEADER_SIZE:] = np.packbits(bits, bitorder="little").tobytes()
+            tx.dirty(buf)
+            self.free += -n if value else n
+            start += n
+            count -= n
+
+    def mark_used(self, tx: Transaction, start: int, count: int = 1) -> None:
+        self._set(tx, start, count, True)
+
+    def release(self, tx: Transaction, start: int, count: int = 1) -> None:
+        if start < 0 or start + count > self.nbits:
+            raise Corrupt(f"{self.what} bitmap: free of [{start}, {start + count}) outside the device")
+        self._set(tx, start, count, False)
+
+    def find_run(self, goal: int, want: int) -> tuple[int, int]:
+        """Find a free run: the first of length ≥ ``want`` at/after ``goal`` (wrapping), else the longest.
+
+        Returns (start, length) with length ≤ want. Raises NoSpace if nothing is free.
+        """
+        goal = goal if 0 <= goal < self.nbits else 0
+        k0 = goal // self.bpb
+        best = (0, 0)
+        order = [(k0, goal % self.bpb)] + [((k0 + i) % self.nblocks, 0) for i in range(1, self.nblocks)]
+        if goal % self.bpb:
+            order.append((k0, 0))
+        for k, r0 in order:
+            bits = self._bits(k)[r0:]
+            if bits.all():
+                continue
+            z = np.concatenate(([0], (bits == 0).view(np.int8), [0]))
+            d = np.diff(z)
+            starts = np.flatnonzero(d == 1)
+            ends = np.flatnonzero(d == -1)
+            lens = ends - starts
+            ok = np.flatnonzero(lens >= want)
+            base = k * self.bpb + r0
+            if ok.size:
+                return base + int(starts[ok[0]]), want
+            i = int(lens.argmax())
+            if lens[i] > best[1]:
+                best = (base + int(starts[i]), int(lens[i]))
+        if best[1] == 0:
+            raise NoSpace(f"no free {self.what}s")
+        return best
+
+    def alloc_run(self, tx: Transaction, goal: int, want: int) -> tuple[int, int]:
+        start, n = self.find_run(goal, want)
+        self.mark_used(tx, start, n)
+        return start, n
+
+    def alloc_one(self, tx: Transaction, goal: int) -> int:
+        return self.alloc_run(tx, goal, 1)[0]

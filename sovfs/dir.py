@@ -1,0 +1,275 @@
+"""Directories: a B+tree of checksummed nodes keyed by SipHash of the name (FORMAT.md §6).
+
+Theory of operation
+-------------------
+A directory's logical block 0 is the root node; other nodes live in any logical block of the directory
+file, allocated at the lowest hole.  Leaves hold entries sorted by key (``base + collision index``),
+interior nodes hold ``(key, child logical block)``.  Lookup descends one node per level: O(log n) block
+reads.  Insert splits a full node in half by bytes (a root split moves the root's halves into two new
+blocks and grows the tree by one level).  Remove deletes the entry and frees a non-root node once it is
+empty; an empty interior root turns back into an empty leaf.  Nodes are never merged (a deliberate
+simplification: lookups stay O(height); space is reclaimed only when nodes empty).
+
+readdir cookies are keys + 1 (§6.4): they never change while an entry exists, so offsets stay valid
+across inserts and removals.
+
+Decoded nodes are cached on the cache buffer (``Buf.parsed``) and re-serialised only when modified.
+Invariants: keys strictly increase within a node and across the tree in order; every non-root node is
+reachable from exactly one interior entry; a leaf's serialised size fits ``B − 48``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from sovfs.cache import Buf
+from sovfs.errors import Corrupt, Exists, NoSpace, NotFound
+from sovfs.format import (
+    DIR_INDEX_SIZE,
+    MAX_COLLISIONS,
+    BlockType,
+    DirEntry,
+    DirIndex,
+    DirNode,
+    dir_node_capacity,
+    init_block,
+    name_hash_base,
+)
+from sovfs.inode import InodeRec, InodeStore
+from sovfs.journal import Transaction
+
+__all__ = ["Directories", "Found"]
+
+
+@dataclass(frozen=True)
+class Found:
+    entry: DirEntry
+    leaf: int  # logical block of the leaf holding it
+
+
+class Directories:
+    def __init__(self, store: InodeStore, hash_seed: bytes) -> None:
+        self.store = store
+        self.cache = store.cache
+        self.bs = store.bs
+        self.seed = hash_seed
+        self.cap = dir_node_capacity(self.bs)
+        self.node_reads = 0  # nodes visited (for tests of lookup cost)
+
+    # ------------------------------------------------------------------------------ node access
+    def _buf(self, d: InodeRec, lblock: int) -> Buf:
+        phys = self.store.bmap(d, lblock)
+        if phys is None:
+            raise Corrupt(f"directory {d.ino}: node at logical block {lblock} is a hole")
+        return self.cache.read(phys, BlockType.DIR_NODE, d.ino, d.inode.generation)
+
+    def node(self, d: InodeRec, lblock: int) -> DirNode:
+        self.node_reads += 1
+        buf = self._buf(d, lblock)
+        if buf.parsed is None:
+            buf.parsed = DirNode.unpack(buf.data, f"directory {d.ino} block {buf.bno}")
+        node: DirNode = buf.parsed
+        return node
+
+    def _store(self, tx: Transaction, d: InodeRec, lblock: int, node: DirNode) -> None:
+        buf = self._buf(d, lblock)
+        node.pack_into(buf.data)
+        buf.parsed = node
+        tx.dirty(buf)
+
+    def _new_node(self, tx: Transaction, d: InodeRec, node: DirNode) -> int:
+        """Place ``node`` at the lowest unmapped logical block of the directory; return that block."""
+        lblock = 0
+        for e in d.extents:
+            if e.logical > lblock:
+                break
+            lblock = e.end
+        self.store.allocate_range(tx, d, lblock, 1)
+        phys = self.store.bmap(d, lblock)
+        if phys is None:
+            raise Corrupt(f"directory {d.ino}: allocation of block {lblock} failed")
+        buf = self.cache.new(phys)
+        init_block(buf.data, BlockType.DIR_NODE, phys, d.ino, d.inode.generation)
+        node.pack_into(buf.data)
+        buf.parsed = node
+        tx.dirty(buf)
+        d.inode.size = max(d.inode.size, (lblock + 1) * self.bs)
+        return lblock
+
+    def _free_node(self, tx: Transaction, d: InodeRec, lblock: int) -> None:
+        phys = self.store.bmap(d, lblock)
+        self.store.punch(tx, d, lblock, lblock + 1)
+        if phys is not None:
+            self.cache.forget(phys)
+        end = max((e.end for e in d.extents), default=1)
+        d.inode.size = end * self.bs
+
+    def init_dir(self, tx: Transaction, d: InodeRec) -> None:
+        """Give a new directory its empty root leaf at logical block 0."""
+        self._new_node(tx, d, DirNode(level=0))
+
+    # ------------------------------------------------------------------------------ descent
+    def _descend(self, d: InodeRec, key: int) -> tuple[list[tuple[int, DirNode, int]], int | None]:
+        """Path [(lblock, node, child index)] from the root to the leaf for ``key``, and the key that
+        starts the next leaf (None if the leaf is the last)."""
+        path: list[tuple[int, DirNode, int]] = []
+        lblock, upper = 0, None
+        for _ in range(64):
+            node = self.node(d, lblock)
+            if node.level == 0:
+                path.append((lblock, node, -1))
+                return path, upper
+            idx = node.index
+            lo, hi = 0, len(idx)
+            while lo < hi:  # last entry with key <= target
+                mid = (lo + hi) // 2
+                if idx[mid].key <= key:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            i = max(lo - 1, 0)
+            if i + 1 < len(idx):
+                upper = idx[i + 1].key
+            path.append((lblock, node, i))
+            lblock = idx[i].child
+        raise Corrupt(f"directory {d.ino}: tree deeper than 64 levels (loop?)")
+
+    def iterate(self, d: InodeRec, start_key: int = 0) -> Iterator[DirEntry]:
+        """Entries with key ≥ ``start_key`` in key order (a fresh descent per leaf)."""
+        key: int | None = start_key
+        while key is not None:
+            path, upper = self._descend(d, key)
+            leaf = path[-1][1]
+            for e in list(leaf.entries):
+                if e.key >= key:
+                    yield e
+            key = upper
+
+    def lookup(self, d: InodeRec, name: bytes) -> DirEntry | None:
+        base = name_hash_base(self.seed, name)
+        for e in self.iterate(d, base):
+            if e.key >= base + MAX_COLLISIONS:
+                break
+            if e.name == name:
+                return e
+        return None
+
+    def is_empty(self, d: InodeRec) -> bool:
+        root = self.node(d, 0)
+        return root.level == 0 and not root.entries
+
+    # ------------------------------------------------------------------------------ insert
+    def add(self, tx: Transaction, d: InodeRec, name: bytes, ino: int, ftype: int) -> DirEntry:
+        """Insert a new entry. Raises Exists, NoSpace (255 same-hash names, or the disk is full)."""
+        base = name_hash_base(self.seed, name)
+        used = set()
+        for e in self.iterate(d, base):
+            if e.key >= base + MAX_COLLISIONS:
+                break
+            if e.name == name:
+                raise Exists(f"{name!r} exists")
+            used.add(e.key - base)
+        c = next((i for i in range(MAX_COLLISIONS) if i not in used), None)
+        if c is None:
+            raise NoSpace(f"directory {d.ino}: too many names with the same hash as {name!r}")
+        entry = DirEntry(base + c, ino, ftype, name)
+        path, _ = self._descend(d, entry.key)
+        _lblock, leaf, _ = path[-1]
+        ents = list(leaf.entries)
+        lo, hi = 0, len(ents)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if ents[mid].key < entry.key:
+                lo = mid + 1
+            else:
+                hi = mid
+        ents.insert(lo, entry)
+        new = DirNode(level=0, entries=ents)
+        self._place(tx, d, path, len(path) - 1, new)
+        return entry
+
+    def _place(self, tx: Transaction, d: InodeRec, path: list[tuple[int, DirNode, int]], depth: int,
+               node: DirNode) -> None:
+        """Store ``node`` at path[depth], splitting upward as needed."""
+        lblock = path[depth][0]
+        if node.used() <= self.cap:
+            self._store(tx, d, lblock, node)
+            return
+        left, right, sep = self._split(node)
+        if depth == 0:  # root split: halves move out, root grows a level
+            lb = self._new_node(tx, d, left)
+            rb = self._new_node(tx, d, right)
+            self._store(tx, d, 0, DirNode(level=node.level + 1, index=[DirIndex(0, lb), DirIndex(sep, rb)]))
+            return
+        self._store(tx, d, lblock, left)
+        rb = self._new_node(tx, d, right)
+        _, parent, ci = path[depth - 1]
+        idx = list(parent.index)
+        idx.insert(ci + 1, DirIndex(sep, rb))
+        self._place(tx, d, path, depth - 1, DirNode(level=parent.level, index=idx))
+
+    @staticmethod
+    def _split(node: DirNode) -> tuple[DirNode, DirNode, int]:
+        if node.level == 0:
+            half, acc, cut = node.used() // 2, 0, 0
+            for cut, e in enumerate(node.entries):  # noqa: B007
+                acc += e.size
+                if acc >= half:
+                    break
+            cut = min(max(cut + 1, 1), len(node.entries) - 1)
+            r = node.entries[cut:]
+            return DirNode(0, entries=node.entries[:cut]), DirNode(0, entries=r), r[0].key
+        m = len(node.index) // 2
+        r_idx = node.index[m:]
+        return DirNode(node.level, index=node.index[:m]), DirNode(node.level, index=r_idx), r_idx[0].key
+
+    # ------------------------------------------------------------------------------ remove
+    def remove(self, tx: Transaction, d: InodeRec, name: bytes) -> DirEntry:
+        """Remove ``name``; returns its entry. Raises NotFound."""
+        e = self.lookup(d, name)
+        if e is None:
+            raise NotFound(f"{name!r} not found")
+        path, _ = self._descend(d, e.key)
+        leaf = path[-1][1]
+        new = DirNode(level=0, entries=[x for x in leaf.entries if x.key != e.key])
+        self._shrink(tx, d, path, len(path) - 1, new)
+        return e
+
+    def replace(self, tx: Transaction, d: InodeRec, name: bytes, ino: int, ftype: int) -> DirEntry:
+        """Point existing entry ``name`` at another inode (rename over an existing name)."""
+        e = self.lookup(d, name)
+        if e is None:
+            raise NotFound(f"{name!r} not found")
+        path, _ = self._descend(d, e.key)
+        lblock, leaf, _ = path[-1]
+        ne = DirEntry(e.key, ino, ftype, name)
+        self._store(tx, d, lblock, DirNode(0, entries=[ne if x.key == e.key else x for x in leaf.entries]))
+        return ne
+
+    def _shrink(self, tx: Transaction, d: InodeRec, path: list[tuple[int, DirNode, int]], depth: int,
+                node: DirNode) -> None:
+        lblock = path[depth][0]
+        empty = not (node.entries if node.level == 0 else node.index)
+        if not empty or depth == 0:
+            if depth == 0 and empty:
+                node = DirNode(level=0)
+            self._store(tx, d, lblock, node)
+            return
+        self._free_node(tx, d, lblock)
+        _, parent, ci = path[depth - 1]
+        idx = [x for i, x in enumerate(parent.index) if i != ci]
+        self._shrink(tx, d, path, depth - 1, DirNode(level=parent.level, index=idx))
+
+    def all_blocks_listing(self, d: InodeRec) -> list[DirEntry]:
+        """§6.5 simple reader: list by scanning every mapped block for leaves (used by tests/fsck)."""
+        out: list[DirEntry] = []
+        for e in d.extents:
+            for lb in range(e.logical, e.end):
+                node = self.node(d, lb)
+                if node.level == 0:
+                    out.extend(node.entries)
+        return out
+
+
+_ = DIR_INDEX_SIZE

@@ -1,0 +1,719 @@
+"""FileSystem: the façade every front end (mkfs -d, fsck, the FUSE adapter) uses.
+
+Theory of operation
+-------------------
+Operations take inode numbers (and names as bytes), run inside ONE transaction each
+(``with self.journal.op()``), validate everything that can fail before the first change, and raise
+:class:`sovfs.errors.SovError` subclasses carrying errno.  The core is synchronous; the FUSE adapter will
+call it from trio without ``await`` inside an operation.
+
+Lifetimes: ``unlink``/``rmdir``/``rename`` drop ``nlink``; an inode whose ``nlink`` reaches 0 is freed at
+once unless it is open (``open``/``release`` counts, the FUSE adapter adds lookup counts), in which case
+it is freed at the last ``release``.  (The on-disk orphan list for crashes in between is the journaling
+issue's.)
+
+Layers below: journal (transactions) → cache → alloc → inode (extents, data) → dir.  This module also
+holds the xattr and path helpers, which are thin.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from sovfs.alloc import BitmapAllocator
+from sovfs.blockdev import BlockDevice, Buffer
+from sovfs.cache import BufferCache
+from sovfs.dir import Directories
+from sovfs.errors import (
+    BadName,
+    Corrupt,
+    Exists,
+    InvalidArgument,
+    IsDir,
+    NameTooLong,
+    NoData,
+    NoSpace,
+    NotDir,
+    NotEmpty,
+    NotFound,
+    NotSupported,
+    RangeError,
+    ReadOnly,
+    SovError,
+    TooManyLinks,
+)
+from sovfs.format import (
+    INLINE_SYMLINK_MAX,
+    INODE_AREA_SIZE,
+    INODE_XATTR_SIZE,
+    MAX_LOGICAL_BLOCKS,
+    MAX_NAME_LEN,
+    MAX_SYMLINK_LEN,
+    ROOT_INO,
+    S_IFBLK,
+    S_IFCHR,
+    S_IFDIR,
+    S_IFIFO,
+    S_IFLNK,
+    S_IFMT,
+    S_IFREG,
+    S_IFSOCK,
+    SB_OFFSET,
+    SB_SIZE,
+    STATE_CLEAN,
+    XATTR_HDR,
+    XATTR_OFF,
+    XATTR_PREFIXES,
+    XATTR_SYSTEM_NAMES,
+    BlockType,
+    Inode,
+    Superblock,
+    dirent_type,
+    init_block,
+    pack_xattrs,
+    unpack_xattrs,
+    uuid_seed,
+    xattr_block_capacity,
+)
+from sovfs.inode import InodeRec, InodeStore
+from sovfs.journal import Journal
+
+__all__ = ["RENAME_EXCHANGE", "RENAME_NOREPLACE", "Attr", "DirItem", "FileSystem", "StatFs"]
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+XATTR_CREATE = 1
+XATTR_REPLACE = 2
+MAX_LINKS = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class Attr:
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    blocks: int  # in 512-byte units, like st_blocks
+    blksize: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    crtime_ns: int
+    generation: int
+    flags: int
+
+
+@dataclass(frozen=True)
+class DirItem:
+    name: bytes
+    ino: int
+    ftype: int
+    next_cookie: int
+
+
+@dataclass(frozen=True)
+class StatFs:
+    block_size: int
+    blocks: int
+    free_blocks: int
+    files: int
+    free_files: int
+    name_max: int
+
+
+def check_name(name: bytes) -> None:
+    if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
+        raise BadName(f"invalid name {name!r}")
+    if len(name) > MAX_NAME_LEN:
+        raise NameTooLong(f"name of {len(name)} bytes > {MAX_NAME_LEN}")
+
+
+def check_xattr_name(name: bytes) -> None:
+    if not name or len(name) > 255:
+        raise RangeError(f"xattr name length {len(name)} not in [1, 255]")
+    prefixed = name.startswith(XATTR_PREFIXES) and name not in XATTR_PREFIXES
+    if not prefixed and name not in XATTR_SYSTEM_NAMES:
+        raise NotSupported(f"xattr namespace of {name!r} not supported")
+
+
+class FileSystem:
+    """A mounted SovFS on a BlockDevice. Use as a context manager or call :meth:`close`."""
+
+    def __init__(self, dev: BlockDevice, sb: Superblock, *, read_only: bool) -> None:
+        self.dev = dev
+        self.sb = sb
+        self.read_only = read_only
+        self.bs = sb.block_size
+        seed = uuid_seed(sb.uuid)
+        self.cache = BufferCache(dev, self.bs, seed)
+        self.journal = Journal(self.cache)
+        self.balloc = BitmapAllocator(
+            self.cache, sb.block_bitmap_start, sb.block_bitmap_blocks, sb.block_count, BlockType.BLOCK_BITMAP,
+            "block",
+        )
+        self.ialloc = BitmapAllocator(
+            self.cache, sb.inode_bitmap_start, sb.inode_bitmap_blocks, sb.inode_count, BlockType.INODE_BITMAP,
+            "inode",
+        )
+        self.journal.abort_hooks += [self.balloc.recount, self.ialloc.recount]
+        self.inodes = InodeStore(sb, self.cache, self.journal, self.balloc, self.ialloc)
+        self.dirs = Directories(self.inodes, sb.hash_seed)
+        self._open: dict[int, int] = {}
+        self._orphans: set[int] = set()
+        self.closed = False
+
+    # ------------------------------------------------------------------------ mount / unmount
+    @classmethod
+    def mount(cls, dev: BlockDevice, *, read_only: bool = False) -> FileSystem:
+        """Read and check the superblock (falling back to the backup), then mount. Raises Corrupt."""
+        raw = dev.pread(SB_OFFSET, SB_SIZE)
+        try:
+            sb = Superblock.unpack(raw, "primary superblock")
+        except Corrupt as primary_err:
+            found: Superblock | None = None
+            for bs in (4096, 1024, 2048, 8192, 16384, 32768, 65536):
+                n = dev.size // bs
+                if n < 2:
+                    continue
+                try:
+                    cand = Superblock.unpack(dev.pread((n - 1) * bs, SB_SIZE), "backup superblock")
+                except Corrupt:
+                    continue
+                if cand.block_size == bs and cand.block_count == n:
+                    found = cand
+                    break
+            if found is None:
+                raise primary_err from None
+            sb = found
+            sb.copy = 0
+        why = sb.features_check(writable=not read_only)
+        if why:
+            raise NotSupported(why)
+        if sb.block_count * sb.block_size > dev.size:
+            raise Corrupt(f"superblock: {sb.block_count} blocks, device holds {dev.size // sb.block_size}")
+        read_only = read_only or dev.read_only
+        fs = cls(dev, sb, read_only=read_only)
+        if not read_only:
+            sb.state &= ~STATE_CLEAN
+            sb.mount_count += 1
+            sb.mount_time_ns = time.time_ns()
+            fs._write_sb()
+        return fs
+
+    def _write_sb(self) -> None:
+        sb = self.sb
+        sb.free_blocks = self.balloc.free
+        sb.free_inodes = self.ialloc.free
+        sb.write_time_ns = time.time_ns()
+        sb.sequence += 1
+        self.dev.pwrite(SB_OFFSET, sb.pack())
+
+    def sync(self) -> None:
+        if not self.read_only:
+            self._write_sb()
+        self.dev.flush()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        if not self.read_only:
+            for ino in list(self._orphans):
+                self._free_if_unused(ino, force=True)
+            self.sb.state |= STATE_CLEAN
+            self._write_sb()
+            self.dev.flush()
+        self.closed = True
+
+    def __enter__(self) -> FileSystem:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------ helpers
+    def _rw(self) -> None:
+        if self.read_only:
+            raise ReadOnly("filesystem is read-only")
+
+    def _rec(self, ino: int) -> InodeRec:
+        if not 0 < ino < self.sb.inode_count:
+            raise NotFound(f"inode {ino} out of range")
+        rec = self.inodes.get(ino)
+        if rec.inode.is_free:
+            raise NotFound(f"inode {ino} is free")
+        return rec
+
+    def _dir(self, ino: int) -> InodeRec:
+        rec = self._rec(ino)
+        if rec.inode.fmt != S_IFDIR:
+            raise NotDir(f"inode {ino} is not a directory")
+        return rec
+
+    def _attr(self, rec: InodeRec) -> Attr:
+        i = rec.inode
+        return Attr(
+            ino=rec.ino, mode=i.mode, nlink=i.nlink, uid=i.uid, gid=i.gid, rdev=i.rdev, size=i.size,
+            blocks=i.blocks * (self.bs // 512), blksize=self.bs, atime_ns=i.atime_ns, mtime_ns=i.mtime_ns,
+            ctime_ns=i.ctime_ns, crtime_ns=i.crtime_ns, generation=i.generation, flags=i.flags,
+        )
+
+    def _touch(self, rec: InodeRec, now: int, *, m: bool = True, c: bool = True) -> None:
+        if m:
+            rec.inode.mtime_ns = now
+        if c:
+            rec.inode.ctime_ns = now
+
+    # ------------------------------------------------------------------------ attributes
+    def getattr(self, ino: int) -> Attr:
+        return self._attr(self._rec(ino))
+
+    def setattr(
+        self, ino: int, *, mode: int | None = None, uid: int | None = None, gid: int | None = None,
+        size: int | None = None, atime_ns: int | None = None, mtime_ns: int | None = None,
+        ctime_ns: int | None = None, crtime_ns: int | None = None, flags: int | None = None,
+    ) -> Attr:
+        """Change attributes. ``mode`` changes permission bits only. Raises IsDir for size on a dir."""
+        self._rw()
+        rec = self._rec(ino)
+        if size is not None:
+            if rec.inode.fmt == S_IFDIR:
+                raise IsDir("cannot truncate a directory")
+            if rec.inode.fmt != S_IFREG:
+                raise InvalidArgument("size can only be set on regular files")
+            if size < 0:
+                raise InvalidArgument("negative size")
+        now = time.time_ns()
+        with self.journal.op() as tx:
+            i = rec.inode
+            if mode is not None:
+                i.mode = (i.mode & S_IFMT) | (mode & 0o7777)
+            if uid is not None:
+                i.uid = uid
+            if gid is not None:
+                i.gid = gid
+            if size is not None and size != i.size:
+                self.inodes.truncate(tx, rec, size)
+                i.mtime_ns = now
+            if atime_ns is not None:
+                i.atime_ns = atime_ns
+            if mtime_ns is not None:
+                i.mtime_ns = mtime_ns
+            if crtime_ns is not None:
+                i.crtime_ns = crtime_ns
+            if flags is not None:
+                i.flags = (i.flags & 1) | (flags & ~1)
+            i.ctime_ns = ctime_ns if ctime_ns is not None else now
+            self.inodes.put(tx, rec)
+        return self._attr(rec)
+
+    def statfs(self) -> StatFs:
+        return StatFs(
+            block_size=self.bs, blocks=self.sb.block_count - self.sb.data_start, free_blocks=self.balloc.free,
+            files=self.sb.inode_count - 1, free_files=self.ialloc.free, name_max=MAX_NAME_LEN,
+        )
+
+    # ------------------------------------------------------------------------ namespace
+    def lookup(self, parent: int, name: bytes) -> Attr:
+        d = self._dir(parent)
+        if name == b".":
+            return self._attr(d)
+        if name == b"..":
+            return self._attr(self._rec(d.inode.parent or ROOT_INO))
+        if len(name) > MAX_NAME_LEN:
+            raise NameTooLong(f"name of {len(name)} bytes")
+        e = self.dirs.lookup(d, name)
+        if e is None:
+            raise NotFound(f"{name!r} not in directory {parent}")
+        return self._attr(self._rec(e.ino))
+
+    def lookup_path(self, path: bytes | str) -> Attr:
+        """Resolve an absolute '/'-separated path without following symlinks (tests and tools)."""
+        p = path.encode() if isinstance(path, str) else path
+        ino: int = ROOT_INO
+        for part in p.split(b"/"):
+            if part:
+                ino = self.lookup(ino, part).ino
+        return self.getattr(ino)
+
+    def _make(
+        self, parent: int, name: bytes, mode: int, uid: int, gid: int, *, rdev: int = 0,
+        target: bytes | None = None,
+    ) -> Attr:
+        self._rw()
+        check_name(name)
+        d = self._dir(parent)
+        if self.dirs.lookup(d, name) is not None:
+            raise Exists(f"{name!r} exists")
+        fmt = mode & S_IFMT
+        if fmt == S_IFDIR and d.inode.nlink >= MAX_LINKS:
+            raise TooManyLinks("parent has too many links")
+        if self.ialloc.free == 0:
+            raise NoSpace("no free inodes")
+        now = time.time_ns()
+        with self.journal.op() as tx:
+            inode = Inode(
+                mode=mode, uid=uid, gid=gid, nlink=2 if fmt == S_IFDIR else 1, atime_ns=now, mtime_ns=now,
+                ctime_ns=now, crtime_ns=now, rdev=rdev if fmt in (S_IFCHR, S_IFBLK) else 0,
+                parent=parent if fmt == S_IFDIR else 0,
+            )
+            rec = self.inodes.allocate(tx, inode)
+            if fmt == S_IFDIR:
+                self.dirs.init_dir(tx, rec)
+                d.inode.nlink += 1
+            elif target is not None:
+                rec.inode.size = len(target)
+                if len(target) <= INLINE_SYMLINK_MAX:
+                    rec.inode.flags |= 1
+                    rec.inode.area = target.ljust(INODE_AREA_SIZE, b"\0")
+                else:
+                    self.inodes.write(tx, rec, 0, target)
+            self.inodes.put(tx, rec)
+            self.dirs.add(tx, d, name, rec.ino, dirent_type(mode))
+            self._touch(d, now)
+            self.inodes.put(tx, d)
+        return self._attr(rec)
+
+    def create(self, parent: int, name: bytes, mode: int = 0o644, uid: int = 0, gid: int = 0) -> Attr:
+        return self._make(parent, name, S_IFREG | (mode & 0o7777), uid, gid)
+
+    def mkdir(self, parent: int, name: bytes, mode: int = 0o755, uid: int = 0, gid: int = 0) -> Attr:
+        return self._make(parent, name, S_IFDIR | (mode & 0o7777), uid, gid)
+
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int = 0, uid: int = 0, gid: int = 0) -> Attr:
+        fmt = mode & S_IFMT
+        if fmt == 0:
+            mode |= S_IFREG
+        elif fmt not in (S_IFREG, S_IFCHR, S_IFBLK, S_IFIFO, S_IFSOCK):
+            raise InvalidArgument(f"mknod of type {fmt:#o}")
+        return self._make(parent, name, mode, uid, gid, rdev=rdev)
+
+    def symlink(self, parent: int, name: bytes, target: bytes, uid: int = 0, gid: int = 0) -> Attr:
+        if not target or len(target) > MAX_SYMLINK_LEN or b"\0" in target:
+            raise (NameTooLong if len(target) > MAX_SYMLINK_LEN else InvalidArgument)("bad symlink target")
+        return self._make(parent, name, S_IFLNK | 0o777, uid, gid, target=target)
+
+    def readlink(self, ino: int) -> bytes:
+        rec = self._rec(ino)
+        if rec.inode.fmt != S_IFLNK:
+            raise InvalidArgument(f"inode {ino} is not a symlink")
+        if rec.inode.flags & 1:
+            return rec.inode.area[: rec.inode.size]
+        return self.inodes.read(rec, 0, rec.inode.size)
+
+    def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
+        self._rw()
+        check_name(new_name)
+        rec = self._rec(ino)
+        if rec.inode.fmt == S_IFDIR:
+            raise PermissionError_()
+        d = self._dir(new_parent)
+        if self.dirs.lookup(d, new_name) is not None:
+            raise Exists(f"{new_name!r} exists")
+        if rec.inode.nlink >= MAX_LINKS:
+            raise TooManyLinks("too many links")
+        now = time.time_ns()
+        with self.journal.op() as tx:
+            self.dirs.add(tx, d, new_name, ino, dirent_type(rec.inode.mode))
+            rec.inode.nlink += 1
+            rec.inode.ctime_ns = now
+            self.inodes.put(tx, rec)
+            self._touch(d, now)
+            self.inodes.put(tx, d)
+        return self._attr(rec)
+
+    def unlink(self, parent: int, name: bytes) -> None:
+        self._rw()
+        d = self._dir(parent)
+        e = self.dirs.lookup(d, name)
+        if e is None:
+            raise NotFound(f"{name!r} not found")
+        rec = self._rec(e.ino)
+        if rec.inode.fmt == S_IFDIR:
+            raise IsDir(f"{name!r} is a directory")
+        now = time.time_ns()
+        with self.journal.op() as tx:
+            self.dirs.remove(tx, d, name)
+            self._touch(d, now)
+            self.inodes.put(tx, d)
+            self._drop_link(tx, rec, now)
+
+    def rmdir(self, parent: int, name: bytes) -> None:
+        self._rw()
+        if name == b".":
+            raise InvalidArgument("rmdir of '.'")
+        if name == b"..":
+            raise NotEmpty("rmdir of '..'")
+        d = self._dir(parent)
+        e = self.dirs.lookup(d, name)
+        if e is None:
+            raise NotFound(f"{name!r} not found")
+        rec = self._rec(e.ino)
+        if rec.inode.fmt != S_IFDIR:
+            raise NotDir(f"{name!r} is not a directory")
+        if not self.dirs.is_empty(rec):
+            raise NotEmpty(f"{name!r} is not empty")
+        now = time.time_ns()
+        with self.journal.op() as tx:
+            self.dirs.remove(tx, d, name)
+            d.inode.nlink -= 1
+            self._touch(d, now)
+            self.inodes.put(tx, d)
+            rec.inode.nlink = 0
+            self._release_inode(tx, rec)
+
+    def _drop_link(self, tx: object, rec: InodeRec, now: int) -> None:
+        rec.inode.nlink -= 1
+        rec.inode.ctime_ns = now
+        txn = self.journal.active
+        if txn is None:
+            raise Corrupt("link drop outside a transaction")
+        if rec.inode.nlink == 0:
+            self._release_inode(txn, rec)
+        else:
+            self.inodes.put(txn, rec)
+
+    def _release_inode(self, tx: object, rec: InodeRec) -> None:
+        txn = self.journal.active
+        if txn is None:
+            raise Corrupt("release outside a transaction")
+        if self._open.get(rec.ino, 0) > 0:
+            self._orphans.add(rec.ino)
+            self.inodes.put(txn, rec)
+        else:
+            self.inodes.free(txn, rec)
+
+    def _free_if_unused(self, ino: int, force: bool = False) -> None:
+        if ino in self._orphans and (force or self._open.get(ino, 0) == 0):
+            self._orphans.discard(ino)
+            with self.journal.op() as tx:
+                self.inodes.free(tx, self.inodes.get(ino))
+
+    def open(self, ino: int) -> None:
+        """Count an open handle: an unlinked inode stays allocated until the last release."""
+        self._rec(ino)
+        self._open[ino] = self._open.get(ino, 0) + 1
+
+    def release(self, ino: int) -> None:
+        n = self._open.get(ino, 0) - 1
+        if n <= 0:
+            self._open.pop(ino, None)
+            if not self.read_only:
+                self._free_if_unused(ino)
+        else:
+            self._open[ino] = n
+
+    def _is_ancestor(self, anc: int, ino: int) -> bool:
+        """True if directory ``anc`` is ``ino`` or one of its ancestors (walks ``parent`` links)."""
+        seen = 0
+        while True:
+            if ino == anc:
+                return True
+            if ino == ROOT_INO:
+                return False
+            ino = self._rec(ino).inode.parent
+            seen += 1
+            if seen > self.sb.inode_count or ino == 0:
+                raise Corrupt("directory parent chain does not reach the root")
+
+    def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int = 0) -> None:
+        """rename(2)/renameat2: ``flags`` may be RENAME_NOREPLACE or RENAME_EXCHANGE.
+
+        Raises NotFound, Exists (NOREPLACE), NotDir/IsDir (type mismatch), NotEmpty, InvalidArgument
+        (moving a directory under itself, bad flags).
+        """
+        self._rw()
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+            raise InvalidArgument(f"bad rename flags {flags:#x}")
+        check_name(new_name)
+        sd, dd = self._dir(parent), self._dir(new_parent)
+        se = self.dirs.lookup(sd, name)
+        if se is None:
+            raise NotFound(f"{name!r} not found")
+        de = self.dirs.lookup(dd, new_name)
+        src = self._rec(se.ino)
+        s_dir = src.inode.fmt == S_IFDIR
+        if flags & RENAME_EXCHANGE:
+            if de is None:
+                raise NotFound(f"{new_name!r} not found")
+        elif de is not None and flags & RENAME_NOREPLACE:
+            raise Exists(f"{new_name!r} exists")
+        dst = self._rec(de.ino) if de is not None else None
+        if dst is not None and dst.ino == src.ino:
+            return  # same inode: POSIX says do nothing
+        d_dir = dst is not None and dst.inode.fmt == S_IFDIR
+        if s_dir and self._is_ancestor(src.ino, new_parent):
+            raise InvalidArgument("cannot move a directory into itself")
+        if flags & RENAME_EXCHANGE and d_dir and dst is not None and self._is_ancestor(dst.ino, parent):
+            raise InvalidArgument("cannot move a directory into itself")
+        if dst is not None and not flags & RENAME_EXCHANGE:
+            if s_dir and not d_dir:
+                raise NotDir(f"{new_name!r} is not a directory")
+            if d_dir and not s_dir:
+                raise IsDir(f"{new_name!r} is a directory")
+            if d_dir and not self.dirs.is_empty(dst):
+                raise NotEmpty(f"{new_name!r} is not empty")
+        now = time.time_ns()
+        with self.journal.op() as tx:
+            if flags & RENAME_EXCHANGE and dst is not None:
+                self.dirs.replace(tx, sd, name, dst.ino, dirent_type(dst.inode.mode))
+                self.dirs.replace(tx, dd, new_name, src.ino, dirent_type(src.inode.mode))
+                if sd.ino != dd.ino:
+                    if s_dir:
+                        src.inode.parent = dd.ino
+                        sd.inode.nlink -= 1
+                        dd.inode.nlink += 1
+                    if d_dir:
+                        dst.inode.parent = sd.ino
+                        dd.inode.nlink -= 1
+                        sd.inode.nlink += 1
+                dst.inode.ctime_ns = now
+                self.inodes.put(tx, dst)
+            else:
+                if dst is not None:
+                    self.dirs.replace(tx, dd, new_name, src.ino, dirent_type(src.inode.mode))
+                    if d_dir:
+                        dd.inode.nlink -= 1
+                        dst.inode.nlink = 0
+                        self._release_inode(tx, dst)
+                    else:
+                        self._drop_link(tx, dst, now)
+                else:
+                    self.dirs.add(tx, dd, new_name, src.ino, dirent_type(src.inode.mode))
+                self.dirs.remove(tx, sd, name)
+                if s_dir and sd.ino != dd.ino:
+                    src.inode.parent = dd.ino
+                    sd.inode.nlink -= 1
+                    dd.inode.nlink += 1
+            src.inode.ctime_ns = now
+            self.inodes.put(tx, src)
+            for d in (sd, dd):
+                self._touch(d, now)
+                self.inodes.put(tx, d)
+
+    def readdir(self, ino: int, cookie: int = 0) -> Iterator[DirItem]:
+        """Entries after ``cookie`` (0 = start), each with the cookie that resumes after it (§6.4)."""
+        d = self._dir(ino)
+        if cookie < 1:
+            yield DirItem(b".", d.ino, 4, 1)
+        if cookie < 2:
+            yield DirItem(b"..", d.inode.parent or ROOT_INO, 4, 2)
+        for e in self.dirs.iterate(d, max(cookie, 3)):
+            yield DirItem(e.name, e.ino, e.ftype, e.key + 1)
+
+    # ------------------------------------------------------------------------ data
+    def read(self, ino: int, offset: int, size: int) -> bytes:
+        rec = self._rec(ino)
+        if rec.inode.fmt == S_IFDIR:
+            raise IsDir(f"inode {ino} is a directory")
+        if offset < 0 or size < 0:
+            raise InvalidArgument("negative offset or size")
+        return self.inodes.read(rec, offset, size)
+
+    def write(self, ino: int, offset: int, data: Buffer) -> int:
+        self._rw()
+        rec = self._rec(ino)
+        if rec.inode.fmt == S_IFDIR:
+            raise IsDir(f"inode {ino} is a directory")
+        if rec.inode.fmt != S_IFREG:
+            raise InvalidArgument(f"inode {ino} is not a regular file")
+        if offset < 0:
+            raise InvalidArgument("negative offset")
+        n = len(memoryview(data).cast("B"))
+        if offset + n > MAX_LOGICAL_BLOCKS * self.bs:
+            raise FileTooBig_()
+        now = time.time_ns()
+        with self.journal.op() as tx:
+            self.inodes.write(tx, rec, offset, data)
+            self._touch(rec, now)
+            self.inodes.put(tx, rec)
+        return n
+
+    def truncate(self, ino: int, size: int) -> Attr:
+        return self.setattr(ino, size=size)
+
+    # ------------------------------------------------------------------------ xattrs
+    def _xattrs(self, rec: InodeRec) -> dict[bytes, bytes]:
+        i = rec.inode
+        if i.xattr_block:
+            buf = self.cache.read(i.xattr_block, BlockType.XATTR, rec.ino, i.generation)
+            _count, _, used, _ = XATTR_HDR.unpack_from(buf.data, 32)
+            if XATTR_OFF + used > self.bs:
+                raise Corrupt(f"xattr block {i.xattr_block}: used {used} overflows")
+            return unpack_xattrs(buf.data[XATTR_OFF : XATTR_OFF + used], f"xattr block {i.xattr_block}")
+        return unpack_xattrs(i.inline_xattr, f"inode {rec.ino} inline xattrs")
+
+    def _store_xattrs(self, rec: InodeRec, items: dict[bytes, bytes]) -> None:
+        packed = pack_xattrs(items)
+        i = rec.inode
+        if len(packed) > xattr_block_capacity(self.bs):
+            raise NoSpace(f"xattrs of {len(packed)} bytes exceed one block")
+        with self.journal.op() as tx:
+            if len(packed) <= INODE_XATTR_SIZE:
+                i.inline_xattr = packed
+                if i.xattr_block:
+                    self.balloc.release(tx, i.xattr_block)
+                    self.cache.forget(i.xattr_block)
+                    i.xattr_block = 0
+                    i.blocks -= 1
+            else:
+                i.inline_xattr = b""
+                if not i.xattr_block:
+                    goal = rec.extents[0].physical if rec.extents else self.sb.data_start
+                    i.xattr_block = self.balloc.alloc_one(tx, goal)
+                    i.blocks += 1
+                buf = self.cache.new(i.xattr_block)
+                init_block(buf.data, BlockType.XATTR, i.xattr_block, rec.ino, i.generation)
+                XATTR_HDR.pack_into(buf.data, 32, len(items), 0, len(packed), 0)
+                buf.data[XATTR_OFF : XATTR_OFF + len(packed)] = packed
+                tx.dirty(buf)
+            i.ctime_ns = time.time_ns()
+            self.inodes.put(tx, rec)
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        items = self._xattrs(self._rec(ino))
+        if name not in items:
+            raise NoData(f"no xattr {name!r}")
+        return items[name]
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        return sorted(self._xattrs(self._rec(ino)))
+
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        self._rw()
+        check_xattr_name(name)
+        if len(value) > 65535:
+            raise RangeError("xattr value larger than 64 KiB")
+        rec = self._rec(ino)
+        items = self._xattrs(rec)
+        if flags & XATTR_CREATE and name in items:
+            raise Exists(f"xattr {name!r} exists")
+        if flags & XATTR_REPLACE and name not in items:
+            raise NoData(f"no xattr {name!r}")
+        items[name] = bytes(value)
+        self._store_xattrs(rec, items)
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        self._rw()
+        rec = self._rec(ino)
+        items = self._xattrs(rec)
+        if name not in items:
+            raise NoData(f"no xattr {name!r}")
+        del items[name]
+        self._store_xattrs(rec, items)
+
+
+def PermissionError_() -> SovError:
+    from sovfs.errors import PermissionDenied
+
+    return PermissionDenied("hard links to directories are not allowed")
+
+
+def FileTooBig_() -> SovError:
+    from sovfs.errors import FileTooBig
+
+    return FileTooBig("write beyond the maximum file size")

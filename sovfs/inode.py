@@ -1,0 +1,438 @@
+"""Inodes, extent maps and file data I/O (FORMAT.md §4, §5).
+
+Theory of operation
+-------------------
+:class:`InodeStore` owns the in-memory copies of inodes (``InodeRec``: the decoded :class:`Inode`, its
+sorted extent list and the extent-tree blocks it occupies).  Changes are made to the record and written
+back by :meth:`InodeStore.put` inside a transaction; the extent tree of a record whose map changed is
+rebuilt once, just before commit (``tx.before_commit``), so a write of many extents costs one tree
+rewrite.
+
+File I/O: :meth:`read` maps the byte range to extents and issues ONE ``preadv`` for all mapped runs;
+:meth:`write` allocates holes as large contiguous runs near the previous extent (goal-directed), reads at
+most the partial head and tail blocks (one ``preadv``), and writes the data with ONE ``pwritev`` before the
+metadata commits (ordered data).  Holes read as zeros and store nothing.
+
+Invariants: extents sorted, non-overlapping, lengths ≥ 1, logical end ≤ 2^32; ``inode.blocks`` equals
+data blocks + tree blocks + xattr block; a record dirtied in an aborted transaction is dropped.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from dataclasses import dataclass, field
+
+from sovfs.alloc import BitmapAllocator
+from sovfs.blockdev import Buffer
+from sovfs.cache import BufferCache
+from sovfs.errors import Corrupt, FileTooBig, NoSpace
+from sovfs.format import (
+    EXT_UNWRITTEN,
+    EXTENT_NODE_HDR,
+    EXTENT_NODE_OFF,
+    EXTENT_SIZE,
+    INLINE_EXTENTS,
+    INODE_AREA_SIZE,
+    INODE_SIZE,
+    MAX_EXTENT_LEN,
+    MAX_LOGICAL_BLOCKS,
+    BlockType,
+    Extent,
+    ExtentIndex,
+    Inode,
+    Superblock,
+    extent_node_capacity,
+    init_block,
+)
+from sovfs.journal import Journal, Transaction
+
+__all__ = ["InodeRec", "InodeStore"]
+
+
+@dataclass
+class InodeRec:
+    ino: int
+    inode: Inode
+    extents: list[Extent] = field(default_factory=list)
+    tree_blocks: list[int] = field(default_factory=list)
+    map_dirty: bool = False
+
+    def starts(self) -> list[int]:
+        return [e.logical for e in self.extents]
+
+
+class InodeStore:
+    def __init__(
+        self, sb: Superblock, cache: BufferCache, journal: Journal, blocks: BitmapAllocator,
+        inodes: BitmapAllocator,
+    ) -> None:
+        self.sb = sb
+        self.cache = cache
+        self.journal = journal
+        self.dev = cache.dev
+        self.bs = sb.block_size
+        self.blocks = blocks
+        self.inodes = inodes
+        self.per_block = self.bs // INODE_SIZE
+        self._recs: dict[int, InodeRec] = {}
+        self._ino_goal = 3
+        journal.abort_hooks.append(self._recs.clear)
+
+    # --------------------------------------------------------------------------------- inodes
+    def _slot(self, ino: int) -> tuple[int, int]:
+        if not 0 < ino < self.sb.inode_count:
+            raise Corrupt(f"inode number {ino} out of range")
+        blk, idx = divmod(ino, self.per_block)
+        return self.sb.inode_table_start + blk, idx * INODE_SIZE
+
+    def get(self, ino: int) -> InodeRec:
+        """The record of inode ``ino`` (loaded and verified on first use). Raises Corrupt."""
+        rec = self._recs.get(ino)
+        if rec is not None:
+            return rec
+        bno, off = self._slot(ino)
+        buf = self.cache.read(bno, None)
+        inode = Inode.unpack(buf.data[off : off + INODE_SIZE], self.cache.seed, ino)
+        rec = InodeRec(ino, inode)
+        if not inode.is_free:
+            self._load_extents(rec)
+        self._recs[ino] = rec
+        return rec
+
+    def put(self, tx: Transaction, rec: InodeRec) -> None:
+        """Write the record's inode into its inode-table block (and schedule a tree rebuild if needed)."""
+        if rec.map_dirty:
+            tx.before_commit(lambda: self._flush_map(tx, rec))
+        self._write_slot(tx, rec)
+
+    def _write_slot(self, tx: Transaction, rec: InodeRec) -> None:
+        bno, off = self._slot(rec.ino)
+        buf = self.cache.read(bno, None)
+        buf.data[off : off + INODE_SIZE] = rec.inode.pack(self.cache.seed, rec.ino)
+        tx.dirty(buf)
+
+    def allocate(self, tx: Transaction, inode: Inode) -> InodeRec:
+        """Allocate an inode number, set ``inode.generation`` to the slot's previous one + 1, store it."""
+        ino = self.inodes.alloc_one(tx, self._ino_goal)
+        self._ino_goal = ino + 1
+        self._recs.pop(ino, None)
+        try:
+            old = self.get(ino).inode
+            if not old.is_free:
+                raise Corrupt(f"inode {ino} is free in the bitmap but in use in the table")
+            gen = (old.generation + 1) & 0xFFFFFFFF
+        except Corrupt as e:
+            if "in use" in str(e):
+                raise
+            gen = int.from_bytes(os.urandom(4), "little")
+        inode.generation = gen
+        rec = InodeRec(ino, inode)
+        self._recs[ino] = rec
+        self.put(tx, rec)
+        return rec
+
+    def free(self, tx: Transaction, rec: InodeRec) -> None:
+        """Release all blocks of ``rec`` and mark the inode free (keeping its generation)."""
+        self.punch(tx, rec, 0, MAX_LOGICAL_BLOCKS)
+        for b in rec.tree_blocks:
+            self.blocks.release(tx, b)
+            self.cache.forget(b)
+        rec.tree_blocks = []
+        if rec.inode.xattr_block:
+            self.blocks.release(tx, rec.inode.xattr_block)
+            self.cache.forget(rec.inode.xattr_block)
+        rec.inode = Inode(generation=rec.inode.generation)
+        rec.map_dirty = False
+        self._write_slot(tx, rec)
+        self.inodes.release(tx, rec.ino)
+        self._recs.pop(rec.ino, None)
+
+    # --------------------------------------------------------------------------------- extents
+    def _load_extents(self, rec: InodeRec) -> None:
+        ino = rec.inode
+        if ino.flags & 1 or ino.ext_count == 0:  # INLINE_DATA or nothing mapped
+            return
+        area = ino.area
+        if ino.ext_depth == 0:
+            rec.extents = [Extent.unpack(area, i * EXTENT_SIZE) for i in range(ino.ext_count)]
+        else:
+            for i in range(ino.ext_count):
+                ix = ExtentIndex.unpack(area, i * EXTENT_SIZE)
+                self._load_node(rec, ix.child, ino.ext_depth - 1)
+        prev_end = 0
+        for e in rec.extents:
+            if e.length == 0 or e.logical < prev_end or e.end > MAX_LOGICAL_BLOCKS:
+                raise Corrupt(f"inode {rec.ino}: extents overlap or are malformed at logical {e.logical}")
+            if not self.sb.data_start <= e.physical or e.physical + e.length > self.sb.backup_sb_block:
+                raise Corrupt(f"inode {rec.ino}: extent points outside the data region ({e.physical})")
+            prev_end = e.end
+
+    def _load_node(self, rec: InodeRec, bno: int, depth: int) -> None:
+        if not self.sb.data_start <= bno < self.sb.backup_sb_block:
+            raise Corrupt(f"inode {rec.ino}: extent tree block {bno} outside the data region")
+        buf = self.cache.read(bno, BlockType.EXTENT_NODE, rec.ino, rec.inode.generation)
+        d, count, _mx, _, _ = EXTENT_NODE_HDR.unpack_from(buf.data, 32)
+        if d != depth or count > extent_node_capacity(self.bs) or count == 0:
+            raise Corrupt(f"block {bno}: extent node depth {d} count {count} (expected depth {depth})")
+        rec.tree_blocks.append(bno)
+        for i in range(count):
+            off = EXTENT_NODE_OFF + i * EXTENT_SIZE
+            if depth == 0:
+                rec.extents.append(Extent.unpack(buf.data, off))
+            else:
+                self._load_node(rec, ExtentIndex.unpack(buf.data, off).child, depth - 1)
+
+    def _flush_map(self, tx: Transaction, rec: InodeRec) -> None:
+        """Rebuild the extent tree of ``rec`` from its extent list (FORMAT.md §5.2)."""
+        if not rec.map_dirty or self._recs.get(rec.ino) is not rec:
+            return
+        rec.map_dirty = False
+        ino = rec.inode
+        exts = rec.extents
+        cap = extent_node_capacity(self.bs)
+        old = list(rec.tree_blocks)
+        if len(exts) <= INLINE_EXTENTS:
+            level: list[bytes] = [e.pack() for e in exts]
+            depth = 0
+            new_blocks: list[int] = []
+        else:
+            # Pack leaves, then index levels, until the root fits in the inode.
+            new_blocks = []
+            entries: list[tuple[int, bytes]] = [(e.logical, e.pack()) for e in exts]
+            depth = 0
+            while len(entries) > INLINE_EXTENTS:
+                nxt: list[tuple[int, bytes]] = []
+                for i in range(0, len(entries), cap):
+                    chunk = entries[i : i + cap]
+                    if old:
+                        bno = old.pop(0)
+                    else:
+                        goal = new_blocks[-1] + 1 if new_blocks else (exts[0].physical if exts else 0)
+                        bno = self.blocks.alloc_one(tx, goal)
+                        ino.blocks += 1
+                    new_blocks.append(bno)
+                    buf = self.cache.new(bno)
+                    init_block(buf.data, BlockType.EXTENT_NODE, bno, rec.ino, ino.generation)
+                    EXTENT_NODE_HDR.pack_into(buf.data, 32, depth, len(chunk), cap, 0, 0)
+                    buf.data[EXTENT_NODE_OFF : EXTENT_NODE_OFF + EXTENT_SIZE * len(chunk)] = b"".join(
+                        c[1] for c in chunk
+                    )
+                    tx.dirty(buf)
+                    nxt.append((chunk[0][0], ExtentIndex(chunk[0][0], bno).pack()))
+                entries = nxt
+                depth += 1
+            level = [e[1] for e in entries]
+        for b in old:
+            self.blocks.release(tx, b)
+            self.cache.forget(b)
+            ino.blocks -= 1
+        rec.tree_blocks = new_blocks
+        ino.ext_depth = depth
+        ino.ext_count = len(level)
+        ino.flags &= ~1
+        ino.area = b"".join(level).ljust(INODE_AREA_SIZE, b"\0")
+        self._write_slot(tx, rec)
+
+    def _mark_map(self, tx: Transaction, rec: InodeRec) -> None:
+        if not rec.map_dirty:
+            rec.map_dirty = True
+            tx.before_commit(lambda: self._flush_map(tx, rec))
+
+    def map_range(self, rec: InodeRec, first: int, count: int) -> list[tuple[int, int, int | None, bool]]:
+        """Segments ``(logical, length, physical or None for a hole, unwritten)`` covering the range."""
+        out: list[tuple[int, int, int | None, bool]] = []
+        exts = rec.extents
+        i = max(bisect.bisect_right(rec.starts(), first) - 1, 0)
+        pos, end = first, first + count
+        while pos < end:
+            if i < len(exts) and exts[i].end <= pos:
+                i += 1
+                continue
+            if i < len(exts) and exts[i].logical <= pos:
+                e = exts[i]
+                n = min(e.end, end) - pos
+                out.append((pos, n, e.physical + (pos - e.logical), bool(e.flags & EXT_UNWRITTEN)))
+                pos += n
+                i += 1
+            else:
+                nxt = exts[i].logical if i < len(exts) else end
+                n = min(nxt, end) - pos
+                out.append((pos, n, None, False))
+                pos += n
+        return out
+
+    def bmap(self, rec: InodeRec, lblock: int) -> int | None:
+        seg = self.map_range(rec, lblock, 1)[0]
+        return seg[2]
+
+    def _insert_extent(self, rec: InodeRec, new: Extent) -> None:
+        exts = rec.extents
+        i = bisect.bisect_left(rec.starts(), new.logical)
+        if i > 0:
+            p = exts[i - 1]
+            if (p.end == new.logical and p.physical + p.length == new.physical and p.flags == new.flags
+                    and p.length + new.length <= MAX_EXTENT_LEN):
+                new = Extent(p.logical, p.length + new.length, p.physical, p.flags)
+                i -= 1
+                del exts[i]
+        if i < len(exts):
+            n = exts[i]
+            if (new.end == n.logical and new.physical + new.length == n.physical and n.flags == new.flags
+                    and n.length + new.length <= MAX_EXTENT_LEN):
+                new = Extent(new.logical, new.length + n.length, new.physical, new.flags)
+                del exts[i]
+        exts.insert(i, new)
+
+    def allocate_range(
+        self, tx: Transaction, rec: InodeRec, first: int, count: int
+    ) -> list[tuple[int, int, int]]:
+        """Map every hole in [first, first+count) to new blocks; returns the new (logical, phys, n)."""
+        if first + count > MAX_LOGICAL_BLOCKS:
+            raise FileTooBig(f"logical block {first + count} beyond the 2^32 limit")
+        new: list[tuple[int, int, int]] = []
+        goal = 0
+        for lg, n, phys, _unw in self.map_range(rec, first, count):
+            if phys is not None:
+                goal = phys + n
+                continue
+            if not goal:
+                prev = self.map_range(rec, lg - 1, 1)[0] if lg else None
+                goal = prev[2] + 1 if prev and prev[2] is not None else self.sb.data_start
+            while n:
+                start, got = self.blocks.alloc_run(tx, goal, n)
+                self._insert_extent(rec, Extent(lg, got, start))
+                rec.inode.blocks += got
+                new.append((lg, start, got))
+                lg += got
+                n -= got
+                goal = start + got
+        if new:
+            self._mark_map(tx, rec)
+        return new
+
+    def punch(self, tx: Transaction, rec: InodeRec, first: int, end: int) -> int:
+        """Unmap and free logical blocks [first, end). Returns the number of blocks freed."""
+        kept: list[Extent] = []
+        freed = 0
+        for e in rec.extents:
+            if e.end <= first or e.logical >= end:
+                kept.append(e)
+                continue
+            if e.logical < first:
+                kept.append(Extent(e.logical, first - e.logical, e.physical, e.flags))
+            lo, hi = max(e.logical, first), min(e.end, end)
+            self.blocks.release(tx, e.physical + (lo - e.logical), hi - lo)
+            freed += hi - lo
+            if e.end > end:
+                kept.append(Extent(end, e.end - end, e.physical + (end - e.logical), e.flags))
+        if freed:
+            rec.extents = kept
+            rec.inode.blocks -= freed
+            self._mark_map(tx, rec)
+        return freed
+
+    # --------------------------------------------------------------------------------- data I/O
+    def read(self, rec: InodeRec, offset: int, size: int) -> bytes:
+        """Read up to ``size`` bytes at ``offset`` (short at EOF). One ``preadv`` for all mapped runs."""
+        size = max(min(size, rec.inode.size - offset), 0)
+        if size == 0:
+            return b""
+        bs = self.bs
+        first, last = offset // bs, (offset + size - 1) // bs
+        out = bytearray((last - first + 1) * bs)
+        reqs: list[tuple[int, int]] = []
+        where: list[int] = []
+        for lg, n, phys, unw in self.map_range(rec, first, last - first + 1):
+            if phys is not None and not unw:
+                reqs.append((phys * bs, n * bs))
+                where.append((lg - first) * bs)
+        if reqs:
+            for pos, data in zip(where, self.dev.preadv(reqs), strict=True):
+                out[pos : pos + len(data)] = data
+        skip = offset - first * bs
+        return bytes(out[skip : skip + size])
+
+    def write(self, tx: Transaction, rec: InodeRec, offset: int, data: Buffer) -> int:
+        """Write ``data`` at ``offset``: allocate holes, RMW partial edge blocks, one ``pwritev``."""
+        mv = memoryview(data).cast("B")
+        size = len(mv)
+        if size == 0:
+            return 0
+        bs = self.bs
+        if offset + size > MAX_LOGICAL_BLOCKS * bs:
+            raise FileTooBig(f"write end {offset + size} beyond the maximum file size")
+        first, last = offset // bs, (offset + size - 1) // bs
+        nblk = last - first + 1
+        before = {lg: (phys, unw) for lg, _n, phys, unw in self._edges(rec, first, last)}
+        self.allocate_range(tx, rec, first, nblk)
+        head, tail = offset - first * bs, (last + 1) * bs - (offset + size)
+        edge_reads: list[tuple[int, int]] = []
+        if head and before[first][0] is not None and not before[first][1]:
+            edge_reads.append((first, before[first][0] or 0))
+        if tail and before[last][0] is not None and not before[last][1] and (last != first or not head):
+            edge_reads.append((last, before[last][0] or 0))
+        if head or tail:
+            buf = bytearray(nblk * bs)
+            if edge_reads:
+                got = self.dev.preadv([(p * bs, bs) for _, p in edge_reads])
+                for (lg, _), d in zip(edge_reads, got, strict=True):
+                    buf[(lg - first) * bs : (lg - first + 1) * bs] = d
+            buf[head : head + size] = mv
+            src: memoryview = memoryview(buf)
+        else:
+            src = mv
+        reqs: list[tuple[int, Buffer]] = []
+        convert = False
+        for lg, n, phys, unw in self.map_range(rec, first, nblk):
+            if phys is None:
+                raise Corrupt(f"inode {rec.ino}: block {lg} unmapped after allocation")
+            convert |= unw
+            reqs.append((phys * bs, src[(lg - first) * bs : (lg - first + n) * bs]))
+        self.dev.pwritev(reqs)  # ordered data: before the metadata commit
+        if convert:
+            self._clear_unwritten(tx, rec, first, nblk)
+        if offset + size > rec.inode.size:
+            rec.inode.size = offset + size
+        return size
+
+    def _edges(self, rec: InodeRec, first: int, last: int) -> list[tuple[int, int, int | None, bool]]:
+        segs = [self.map_range(rec, first, 1)[0]]
+        if last != first:
+            segs.append((last, *self.map_range(rec, last, 1)[0][1:]))
+        return [(first if i == 0 else last, s[1], s[2], s[3]) for i, s in enumerate(segs)]
+
+    def _clear_unwritten(self, tx: Transaction, rec: InodeRec, first: int, count: int) -> None:
+        out: list[Extent] = []
+        for e in rec.extents:
+            if e.flags & EXT_UNWRITTEN and e.logical < first + count and e.end > first:
+                lo, hi = max(e.logical, first), min(e.end, first + count)
+                if e.logical < lo:
+                    out.append(Extent(e.logical, lo - e.logical, e.physical, e.flags))
+                out.append(Extent(lo, hi - lo, e.physical + lo - e.logical, 0))
+                if hi < e.end:
+                    out.append(Extent(hi, e.end - hi, e.physical + hi - e.logical, e.flags))
+            else:
+                out.append(e)
+        rec.extents = out
+        self._mark_map(tx, rec)
+
+    def truncate(self, tx: Transaction, rec: InodeRec, size: int) -> None:
+        """Set the size; shrinking frees whole blocks past the end and zeroes the tail of the last block."""
+        bs = self.bs
+        if size > MAX_LOGICAL_BLOCKS * bs:
+            raise FileTooBig(f"size {size} beyond the maximum file size")
+        if size < rec.inode.size:
+            keep = -(-size // bs)
+            self.punch(tx, rec, keep, MAX_LOGICAL_BLOCKS)
+            if size % bs:
+                phys = self.bmap(rec, size // bs)
+                if phys is not None:
+                    blk = bytearray(self.dev.pread(phys * bs, bs))
+                    blk[size % bs :] = bytes(bs - size % bs)
+                    self.dev.pwrite(phys * bs, blk)
+        rec.inode.size = size
+
+    def check_space(self, nblocks: int) -> None:
+        if nblocks > self.blocks.free:
+            raise NoSpace(f"need {nblocks} blocks, {self.blocks.free} free")
