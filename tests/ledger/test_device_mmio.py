@@ -64,7 +64,7 @@ def test_identity_registers(dev: VirtioBlkDevice) -> None:
 
 
 def test_seed_handshake_runs_unchanged(dev: VirtioBlkDevice, mem: GuestMemory) -> None:
-    """The hobby-OS handshake: reset, ACKNOWLEDGE, DRIVER, features, FEATURES_OK, re-read, queues, DRIVER_OK."""
+    """The hobby-OS handshake: reset, ACK, DRIVER, features, FEATURES_OK, re-read, queues, DRIVER_OK."""
     drv = RawDriver(dev, mem, queue_size=16, num_queues=2)
     status = drv.handshake()
     assert status == ACK | DRV | FOK | DOK
@@ -121,7 +121,8 @@ def test_config_space_contents(mem: GuestMemory) -> None:
         assert struct.unpack_from("<I", cfg, S.BLK_CFG_MAX_DISCARD_SEG)[0] >= 1
         assert struct.unpack_from("<I", cfg, S.BLK_CFG_MAX_WRITE_ZEROES_SEG)[0] >= 1
         assert struct.unpack_from("<I", cfg, S.BLK_CFG_MAX_DISCARD_SECTORS)[0] > 0
-        assert cfg[33] == 0 and cfg[57:60] == b"\0\0\0"  # unused0 / unused1 padding
+        assert cfg[33] == 0
+        assert cfg[57:60] == b"\0\0\0"
         # the same bytes through 32-bit MMIO reads at 0x100+
         lo = d.read32(S.VIRTIO_MMIO_CONFIG + S.BLK_CFG_CAPACITY)
         hi = d.read32(S.VIRTIO_MMIO_CONFIG + S.BLK_CFG_CAPACITY + 4)
@@ -149,7 +150,8 @@ def test_features_ok_not_kept_for_unoffered_bits(mem: GuestMemory) -> None:
         assert not st & FOK
         assert d.read32(S.VIRTIO_MMIO_STATUS) == ACK | DRV
         diag = d.diagnostics()[-1]
-        assert diag.code == D_FEATURES_UNOFFERED and "BLK_F_MQ" in diag.message
+        assert diag.code == D_FEATURES_UNOFFERED
+        assert "BLK_F_MQ" in diag.message
 
 
 def test_features_ok_not_kept_without_version_1(mem: GuestMemory) -> None:
@@ -180,7 +182,8 @@ def test_out_of_order_status_writes_refused(dev: VirtioBlkDevice, sequence: list
         dev.write32(S.VIRTIO_MMIO_STATUS, v)
     assert dev.read32(S.VIRTIO_MMIO_STATUS) == final
     diags = dev.diagnostics()
-    assert diags and diags[-1].code == D_STATUS_OUT_OF_ORDER
+    assert diags
+    assert diags[-1].code == D_STATUS_OUT_OF_ORDER
     assert "status write" in str(diags[-1])
 
 
@@ -242,7 +245,8 @@ def test_queue_setup_after_driver_ok_refused(dev: VirtioBlkDevice, mem: GuestMem
     dev.write32(S.VIRTIO_MMIO_QUEUE_SEL, 0)
     dev.write32(S.VIRTIO_MMIO_QUEUE_DESC_LOW, 0x1234)
     dev.write32(S.VIRTIO_MMIO_QUEUE_NUM, 4)
-    assert dev._queues[0].desc == before and dev._queues[0].num == 8
+    assert dev._queues[0].desc == before
+    assert dev._queues[0].num == 8
     assert codes(dev).count(D_QUEUE_SETUP_LOCKED) == 2
     assert "after DRIVER_OK" in dev.diagnostics()[-1].message
 
@@ -279,10 +283,13 @@ def test_status_machine_is_sans_io() -> None:
     assert m.write_status(ACK | DRV).refusals == []
     m.write_driver_features(1, 1)
     out = m.write_status(ACK | DRV | FOK)
-    assert out.refusals == [] and m.negotiated == bit(S.VIRTIO_F_VERSION_1)
+    assert out.refusals == []
+    assert m.negotiated == bit(S.VIRTIO_F_VERSION_1)
     out = m.write_status(ACK | DRV | FOK | DOK)
-    assert out.start and m.live
-    assert m.write_status(0).reset and m.status == 0
+    assert out.start
+    assert m.live
+    assert m.write_status(0).reset
+    assert m.status == 0
 
 
 def test_close_is_idempotent(mem: GuestMemory) -> None:
@@ -290,5 +297,5 @@ def test_close_is_idempotent(mem: GuestMemory) -> None:
     fd = d.queue_interrupt_fd(0)
     d.close()
     d.close()
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="Bad file descriptor"):
         os.fstat(fd)
