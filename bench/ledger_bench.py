@@ -35,10 +35,10 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ledger import _spec as S  # noqa: E402
-from ledger._machine import Ledger  # noqa: E402
-from ledger.backend import FileBackend, RamBackend  # noqa: E402
-from ledger.client import Batch  # noqa: E402
+from ledger import _spec as S
+from ledger._machine import Ledger
+from ledger.backend import FileBackend, RamBackend
+from ledger.client import Batch
 
 BS = 4096
 SEQ = 1 << 20
@@ -173,9 +173,11 @@ def main() -> int:
         cpu_per_req = float("nan")
         for backend_name in ("ram", "file"):
             for nq in queue_counts:
+
                 def make() -> Ledger:
                     be = RamBackend(size) if backend_name == "ram" else FileBackend(img)  # noqa: B023
                     return Ledger(be, num_queues=nq, queue_size=256, device_queues=nq)  # noqa: B023
+
                 for qd in qds:
                     for job in ("randread", "randwrite"):
                         with make() as led:
@@ -198,7 +200,12 @@ def main() -> int:
         print()
         print("| target | job | result | unit | vs limit |")
         print("|---|---|---:|---|---:|")
-        base = {"4K randread": base_rr, "4K randwrite": base_rw, "1M seqread": base_sr, "1M seqwrite": base_sw}
+        base = {
+            "4K randread": base_rr,
+            "4K randwrite": base_rw,
+            "1M seqread": base_sr,
+            "1M seqwrite": base_sw,
+        }
         for who, job, val, unit in rows:
             print(f"| {who} | {job} | {val:,.0f} | {unit} | {val / base[job]:.2f} |")
         print()

@@ -180,7 +180,7 @@ def submit_requests(  # type: ignore[no-untyped-def]
         if q[Q_NUM_FREE] < need:
             break
         t = rtype[r]
-        dev_writes = t == _T_IN or t == _T_GET_ID
+        dev_writes = t in (_T_IN, _T_GET_ID)
         # Take `need` descriptors off the free list; the first is the head.
         head = q[Q_FREE_HEAD]
         d = head
@@ -206,7 +206,9 @@ def submit_requests(  # type: ignore[no-untyped-def]
             _put_desc(mem, tbl_off, hdr_gpa, 16, NEXT, 1)
             for k in range(nseg):
                 seg_len = min(seg_bytes, length - k * seg_bytes)
-                _put_desc(mem, tbl_off + 16 * (k + 1), buf[r] + k * seg_bytes, seg_len, data_flags | NEXT, k + 2)
+                _put_desc(
+                    mem, tbl_off + 16 * (k + 1), buf[r] + k * seg_bytes, seg_len, data_flags | NEXT, k + 2
+                )
             _put_desc(mem, tbl_off + 16 * (nseg + 1), status_gpa, 1, WRITE, 0)
             _put_desc(mem, desc + 16 * head, q[Q_IND_GPA] + 16 * stride * head, 16 * (nseg + 2), INDIRECT, 0)
             chain_next[head] = -1

@@ -115,9 +115,7 @@ def submit_requests(
         mem[int(q[Q_STATUS_OFF]) + head] = STATUS_UNSET
         hdr_gpa = int(q[Q_HDR_GPA]) + 16 * head
         status_gpa = int(q[Q_STATUS_GPA]) + head
-        segs = [
-            (int(buf[r]) + k * seg_bytes, min(seg_bytes, length - k * seg_bytes)) for k in range(nseg)
-        ]
+        segs = [(int(buf[r]) + k * seg_bytes, min(seg_bytes, length - k * seg_bytes)) for k in range(nseg)]
         if indirect:
             stride = int(q[Q_IND_STRIDE])
             tbl = int(q[Q_IND_OFF]) + 16 * stride * head
@@ -125,7 +123,9 @@ def submit_requests(
             for k, (a, ln) in enumerate(segs):
                 _put_desc(mem, tbl + 16 * (k + 1), a, ln, data_flags | 1, k + 2)
             _put_desc(mem, tbl + 16 * (nseg + 1), status_gpa, 1, 2, 0)
-            _put_desc(mem, int(q[Q_DESC]) + 16 * head, int(q[Q_IND_GPA]) + 16 * stride * head, 16 * (nseg + 2), 4, 0)
+            _put_desc(
+                mem, int(q[Q_DESC]) + 16 * head, int(q[Q_IND_GPA]) + 16 * stride * head, 16 * (nseg + 2), 4, 0
+            )
             chain_next[head] = -1
         else:
             desc = int(q[Q_DESC])

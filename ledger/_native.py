@@ -68,7 +68,7 @@ def _store(bits: int, ordering: str) -> Any:
         sig = types.void(mem, off, val)
 
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            arrty, offty, valty = signature.args
+            arrty, offty, _ = signature.args
             ary = context.make_array(arrty)(context, builder, args[0])
             base = builder.ptrtoint(ary.data, ir.IntType(64))
             off64 = context.cast(builder, args[1], offty, types.int64)
@@ -94,7 +94,7 @@ def _rmw_or(bits: int) -> Any:
         sig = ret(mem, off, val)
 
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            arrty, offty, valty = signature.args
+            arrty, offty, _ = signature.args
             ary = context.make_array(arrty)(context, builder, args[0])
             base = builder.ptrtoint(ary.data, ir.IntType(64))
             off64 = context.cast(builder, args[1], offty, types.int64)

@@ -123,11 +123,7 @@ FEATURE_NAMES: Final[dict[int, str]] = {
 
 def feature_names(bits: int) -> list[str]:
     """Spell out a feature bitmap, e.g. ``1 << 32 | 1 << 9`` -> ``['BLK_F_FLUSH', 'F_VERSION_1']``."""
-    out: list[str] = []
-    for bit in range(128):
-        if bits >> bit & 1:
-            out.append(FEATURE_NAMES.get(bit, f"bit{bit}"))
-    return out
+    return [FEATURE_NAMES.get(bit, f"bit{bit}") for bit in range(128) if bits >> bit & 1]
 
 
 # §2.7.5 Split virtqueue descriptor flags

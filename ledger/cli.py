@@ -14,7 +14,6 @@ Exit status:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,7 +44,9 @@ def parse_size(text: str) -> int:
     try:
         value = int(t) * mult
     except ValueError:
-        raise UsageError(f"cannot read size {text!r}: use a number with an optional K, M, G or T suffix") from None
+        raise UsageError(
+            f"cannot read size {text!r}: use a number with an optional K, M, G or T suffix"
+        ) from None
     if value <= 0:
         raise UsageError(f"size {text!r} must be positive")
     return value
@@ -220,7 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_IO
     except OSError as e:
         print(f"ledger: {e.filename or args.image}: {e.strerror}", file=sys.stderr)
-        return EXIT_USAGE if isinstance(e, FileNotFoundError | PermissionError | IsADirectoryError) else EXIT_IO
+        return (
+            EXIT_USAGE if isinstance(e, FileNotFoundError | PermissionError | IsADirectoryError) else EXIT_IO
+        )
     except KeyboardInterrupt:
         return 130
 

@@ -37,6 +37,7 @@ The engine is single-threaded: all calls come from one thread.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import struct
@@ -104,7 +105,7 @@ class Batch:
     caller allocated with :meth:`Engine.alloc_buffer` (or 0 for FLUSH).
 
     Example:
-        >>> b = Batch.reads(sectors=np.array([0, 8]), nsectors=8, bufs=np.array([gpa0, gpa1]))  # doctest: +SKIP
+        >>> b = Batch.uniform(VIRTIO_BLK_T_IN, [0, 8], 8, [gpa0, gpa1])  # doctest: +SKIP
     """
 
     rtype: npt.NDArray[np.uint32]
@@ -116,9 +117,7 @@ class Batch:
         return len(self.rtype)
 
     @classmethod
-    def uniform(
-        cls, rtype: int, sectors: npt.ArrayLike, nsectors: int, bufs: npt.ArrayLike
-    ) -> Batch:
+    def uniform(cls, rtype: int, sectors: npt.ArrayLike, nsectors: int, bufs: npt.ArrayLike) -> Batch:
         sec = np.asarray(sectors, dtype=np.uint64)
         k = len(sec)
         return cls(
@@ -247,7 +246,7 @@ class Engine:
             cb = self.on_done[g]
             if cb is not None:
                 cb(g)
-        return n
+        return int(n)
 
     def fail(self, err: DeviceError) -> None:
         """The device broke the protocol: fail every waiter; the ledger needs a reset."""
@@ -274,8 +273,7 @@ class Engine:
             raise self.broken
         if sector < 0 or nsectors < 0 or sector + nsectors > self.capacity:
             raise DriverError(
-                f"sectors {sector}..{sector + nsectors - 1} are outside the device "
-                f"({self.capacity} sectors)"
+                f"sectors {sector}..{sector + nsectors - 1} are outside the device ({self.capacity} sectors)"
             )
         if write and self.driver.read_only:
             raise DriverError("the device is read-only (VIRTIO_BLK_F_RO)")
@@ -364,10 +362,8 @@ class SyncBlk:
                 pending |= bool(K.set_interrupts(e.mem, q.q, True))
             if not pending:
                 for fd, _ in self._poller.poll(1000):
-                    try:
+                    with contextlib.suppress(BlockingIOError):
                         os.read(fd, 8)
-                    except BlockingIOError:
-                        pass
                 e.check_device()
             for q in busy:
                 K.set_interrupts(e.mem, q.q, False)
@@ -397,6 +393,7 @@ class SyncBlk:
         e.check_range(sector, nsectors, False)
         total = nsectors * SECTOR
         out = bytearray(total)
+        dst = memoryview(out)
         win = self._window(total)
         for w0 in range(0, total, win):
             pieces = e.split(sector + w0 // SECTOR, min(win, total - w0))
@@ -406,7 +403,7 @@ class SyncBlk:
                 e.raise_for(g, S.VIRTIO_BLK_T_IN, [s for s, _ in pieces])
                 pos = w0
                 for (_, n), b in zip(pieces, bufs, strict=True):
-                    out[pos : pos + n] = e.pool.view(b, n)
+                    dst[pos : pos + n] = e.pool.view(b, n).data
                     pos += n
             finally:
                 for (_, n), b in zip(pieces, bufs, strict=True):
@@ -461,7 +458,7 @@ class SyncBlk:
                 e.raise_for(g, S.VIRTIO_BLK_T_IN, [s for _, s, _, _ in chunk])
                 for i, s, b, gpa in chunk:
                     pos = (s - requests[i][0]) * SECTOR
-                    out[i][pos : pos + b] = e.pool.view(gpa, b)
+                    memoryview(out[i])[pos : pos + b] = e.pool.view(gpa, b).data
             finally:
                 for _, _, b, gpa in chunk:
                     e.pool.free(gpa, b)
@@ -686,10 +683,8 @@ class TrioBlk:
                 K.set_interrupts(mem, q.q, False)
                 continue
             await trio.lowlevel.wait_readable(q.interrupt_fd)
-            try:
+            with contextlib.suppress(BlockingIOError):
                 os.read(q.interrupt_fd, 8)
-            except BlockingIOError:
-                pass
             K.set_interrupts(mem, q.q, False)
             e.check_device()
             self._reap(q)
@@ -721,16 +716,19 @@ class TrioBlk:
             finally:
                 self._free(gpa, total)
         out = bytearray(total)
+        dst = memoryview(out)
         win = max(e.max_request, 8 << 20)
         for w0 in range(0, total, win):
             part = e.split(sector + w0 // SECTOR, min(win, total - w0))
             bufs = [await self._alloc(n) for _, n in part]
             try:
-                g = await self._submit_group([(S.VIRTIO_BLK_T_IN, s, b, n) for (s, n), b in zip(part, bufs, strict=True)])
+                g = await self._submit_group(
+                    [(S.VIRTIO_BLK_T_IN, s, b, n) for (s, n), b in zip(part, bufs, strict=True)]
+                )
                 e.raise_for(g, S.VIRTIO_BLK_T_IN, [s for s, _ in part])
                 pos = w0
                 for (_, n), b in zip(part, bufs, strict=True):
-                    out[pos : pos + n] = e.pool.view(b, n)
+                    dst[pos : pos + n] = e.pool.view(b, n).data
                     pos += n
             finally:
                 for (_, n), b in zip(part, bufs, strict=True):
@@ -753,7 +751,9 @@ class TrioBlk:
                 for (_, n), b in zip(part, bufs, strict=True):
                     e.pool.view(b, n)[:] = src[pos : pos + n]
                     pos += n
-                g = await self._submit_group([(S.VIRTIO_BLK_T_OUT, s, b, n) for (s, n), b in zip(part, bufs, strict=True)])
+                g = await self._submit_group(
+                    [(S.VIRTIO_BLK_T_OUT, s, b, n) for (s, n), b in zip(part, bufs, strict=True)]
+                )
                 e.raise_for(g, S.VIRTIO_BLK_T_OUT, [s for s, _ in part])
             finally:
                 for (_, n), b in zip(part, bufs, strict=True):
@@ -766,7 +766,9 @@ class TrioBlk:
         g = await self._submit_group([(S.VIRTIO_BLK_T_FLUSH, 0, 0, 0)])
         self.e.raise_for(g, S.VIRTIO_BLK_T_FLUSH, [0])
 
-    async def _ranges_op(self, rtype: int, feature: int, ranges: Sequence[tuple[int, int]], flags: int) -> None:
+    async def _ranges_op(
+        self, rtype: int, feature: int, ranges: Sequence[tuple[int, int]], flags: int
+    ) -> None:
         e = self.e
         if not e.driver.has(feature):
             raise DriverError(f"device did not negotiate VIRTIO_{S.FEATURE_NAMES[feature]}")
@@ -824,7 +826,12 @@ class TrioBlk:
             IOFailure: for the lowest-indexed failed request (``.index``).
         """
         if len(batch) > len(self.e.st_rtype):
-            raise DriverError(f"batch of {len(batch)} is larger than the staging area ({len(self.e.st_rtype)})")
+            raise DriverError(
+                f"batch of {len(batch)} is larger than the staging area ({len(self.e.st_rtype)})"
+            )
         g = await self._submit_group(batch)
-        self.e.raise_for(g, batch.rtype.tolist() if self.e.grp_err_status[g] else 0, batch.sector.tolist()
-                         if self.e.grp_err_status[g] else [])
+        self.e.raise_for(
+            g,
+            batch.rtype.tolist() if self.e.grp_err_status[g] else 0,
+            batch.sector.tolist() if self.e.grp_err_status[g] else [],
+        )

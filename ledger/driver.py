@@ -129,8 +129,8 @@ class BlkConfig:
         if has(S.VIRTIO_BLK_F_MQ):
             (cfg.num_queues,) = struct.unpack_from("<H", raw, S.BLK_CFG_NUM_QUEUES)
         if has(S.VIRTIO_BLK_F_DISCARD):
-            cfg.max_discard_sectors, cfg.max_discard_seg, cfg.discard_sector_alignment = (
-                struct.unpack_from("<III", raw, S.BLK_CFG_MAX_DISCARD_SECTORS)
+            cfg.max_discard_sectors, cfg.max_discard_seg, cfg.discard_sector_alignment = struct.unpack_from(
+                "<III", raw, S.BLK_CFG_MAX_DISCARD_SECTORS
             )
         if has(S.VIRTIO_BLK_F_WRITE_ZEROES):
             cfg.max_write_zeroes_sectors, cfg.max_write_zeroes_seg = struct.unpack_from(
@@ -287,8 +287,12 @@ class VirtioBlkDriver:
         self.features = 0
         self.config = BlkConfig(capacity=0)
         self.queues: list[DriverQueue] = []
-        self._handshake(queue_size, num_queues, SUPPORTED_MASK if features is None else features & SUPPORTED_MASK,
-                        max_request_bytes)
+        self._handshake(
+            queue_size,
+            num_queues,
+            SUPPORTED_MASK if features is None else features & SUPPORTED_MASK,
+            max_request_bytes,
+        )
 
     # --- probe and handshake --------------------------------------------------
 
@@ -301,7 +305,9 @@ class VirtioBlkDriver:
     def _probe(self) -> None:
         magic = self._r(S.VIRTIO_MMIO_MAGIC_VALUE)
         if magic != S.VIRTIO_MMIO_MAGIC:
-            raise DeviceError(f"no virtio-mmio device: MagicValue is {magic:#x}, expected 0x74726976 ('virt')")
+            raise DeviceError(
+                f"no virtio-mmio device: MagicValue is {magic:#x}, expected 0x74726976 ('virt')"
+            )
         version = self._r(S.VIRTIO_MMIO_VERSION)
         if version != S.VIRTIO_MMIO_VERSION_2:
             raise DeviceError(f"virtio-mmio version {version} is not supported (need 2, i.e. virtio 1.x)")
@@ -319,7 +325,9 @@ class VirtioBlkDriver:
         self._add_status(S.VIRTIO_CONFIG_S_FAILED)
         return DeviceError(why)
 
-    def _handshake(self, queue_size: int, num_queues: int | None, allowed: int, max_request_bytes: int) -> None:
+    def _handshake(
+        self, queue_size: int, num_queues: int | None, allowed: int, max_request_bytes: int
+    ) -> None:
         self._w(S.VIRTIO_MMIO_STATUS, 0)  # reset (§3.1.1 step 1)
         self._add_status(S.VIRTIO_CONFIG_S_ACKNOWLEDGE)
         self._add_status(S.VIRTIO_CONFIG_S_DRIVER)
@@ -370,8 +378,10 @@ class VirtioBlkDriver:
         if num_max == 0:
             return None
         n = 1 << (min(queue_size, num_max, S.VIRTQ_MAX_SIZE).bit_length() - 1)
-        seg_bytes = self.config.size_max if self.has(S.VIRTIO_BLK_F_SIZE_MAX) and self.config.size_max else (
-            DEFAULT_SEGMENT_BYTES
+        seg_bytes = (
+            self.config.size_max
+            if self.has(S.VIRTIO_BLK_F_SIZE_MAX) and self.config.size_max
+            else (DEFAULT_SEGMENT_BYTES)
         )
         seg_bytes = max(512, seg_bytes // 512 * 512)
         max_segs = MAX_SEGMENTS

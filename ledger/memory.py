@@ -21,6 +21,7 @@ inline, against the same two numbers (``base``, ``size``).
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 
@@ -94,12 +95,10 @@ class GuestMemory:
         """Unmap and close.  Views taken earlier must not be used afterwards."""
         if self.fd >= 0:
             del self.array
-            try:
+            # A numpy view may still reference the mapping; then the kernel
+            # reclaims it with the last reference.
+            with contextlib.suppress(BufferError):
                 self._map.close()
-            except BufferError:
-                # A numpy view still references the mapping; the kernel will
-                # reclaim it with the last reference.
-                pass
             os.close(self.fd)
             self.fd = -1
 

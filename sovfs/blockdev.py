@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from ledger._machine import Ledger
-from ledger._spec import VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_SECTOR_SIZE as SECTOR
+from ledger._spec import VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES
+from ledger._spec import VIRTIO_BLK_SECTOR_SIZE as SECTOR
 
 __all__ = ["BlockDevice", "Buffer", "LedgerBlockDevice", "open_block_device", "ram_block_device"]
 

@@ -27,16 +27,26 @@ SEG = 4096
 def make(n: int, indirect: bool, event_idx: bool, max_segs: int = 4) -> tuple[GuestMemory, QueueState, int]:
     mem = GuestMemory(1 << 20)
     alloc = GuestAllocator(mem)
-    qs = QueueState.layout(mem, alloc, n, indirect=indirect, event_idx=event_idx, seg_bytes=SEG, max_segs=max_segs)
+    qs = QueueState.layout(
+        mem, alloc, n, indirect=indirect, event_idx=event_idx, seg_bytes=SEG, max_segs=max_segs
+    )
     data = alloc.alloc(64 * SEG, 4096)
     return mem, qs, data
 
 
 def clone(qs: QueueState) -> QueueState:
     return QueueState(
-        qs.desc_gpa, qs.avail_gpa, qs.used_gpa, qs.q.copy(), qs.free_next.copy(), qs.chain_next.copy(),
-        qs.head_ndesc.copy(), qs.head_group.copy(), qs.head_gidx.copy(), qs.kick_buf.copy(),
-    )  # fmt: skip
+        qs.desc_gpa,
+        qs.avail_gpa,
+        qs.used_gpa,
+        qs.q.copy(),
+        qs.free_next.copy(),
+        qs.chain_next.copy(),
+        qs.head_ndesc.copy(),
+        qs.head_group.copy(),
+        qs.head_gidx.copy(),
+        qs.kick_buf.copy(),
+    )
 
 
 def state_arrays(qs: QueueState) -> list[np.ndarray]:
@@ -96,8 +106,12 @@ def test_kernels_match_twins(n, indirect, event_idx, rounds, start_idx) -> None:
     mem2.array[:] = a
     ref = clone(qs)
     ngroups = 256
-    grp = [np.zeros(ngroups, np.int32), np.zeros(ngroups, np.int32), np.zeros(ngroups, np.int32),
-           np.zeros(ngroups, np.int64)]  # fmt: skip
+    grp = [
+        np.zeros(ngroups, np.int32),
+        np.zeros(ngroups, np.int32),
+        np.zeros(ngroups, np.int32),
+        np.zeros(ngroups, np.int64),
+    ]
     grp_ref = [g.copy() for g in grp]
     out, out_ref = np.zeros(n, np.int32), np.zeros(n, np.int32)
     inflight: dict[int, tuple[int, int, int]] = {}  # head -> (type, sector, nbytes)
@@ -107,7 +121,9 @@ def test_kernels_match_twins(n, indirect, event_idx, rounds, start_idx) -> None:
         k = len(reqs)
         rtype = np.array([r[0] for r in reqs], np.uint32)
         sector = np.array([r[1] for r in reqs], np.uint64)
-        nbytes = np.array([0 if r[0] == 4 else (20 if r[0] == 8 else 512 * r[2] + 512) for r in reqs], np.int64)
+        nbytes = np.array(
+            [0 if r[0] == 4 else (20 if r[0] == 8 else 512 * r[2] + 512) for r in reqs], np.int64
+        )
         buf = np.full(k, data, np.uint64)
         group = np.array([(next_group + i // 3) % ngroups for i in range(k)], np.int32)
         next_group = (next_group + k) % ngroups
@@ -116,10 +132,44 @@ def test_kernels_match_twins(n, indirect, event_idx, rounds, start_idx) -> None:
             grp[0][g] = grp_ref[0][g] = cnt
         gidx = np.arange(k, dtype=np.int32)
         before_heads = set(np.nonzero(qs.head_ndesc)[0].tolist())
-        got = K.submit_requests(a, qs.q, qs.free_next, qs.chain_next, qs.head_ndesc, qs.head_group, qs.head_gidx,
-                                rtype, sector, buf, nbytes, group, gidx, 0, k, -1, qs.kick_buf)  # fmt: skip
-        got_ref = R.submit_requests(mem2.array, ref.q, ref.free_next, ref.chain_next, ref.head_ndesc, ref.head_group,
-                                    ref.head_gidx, rtype, sector, buf, nbytes, group, gidx, 0, k, -1, ref.kick_buf)  # fmt: skip
+        got = K.submit_requests(
+            a,
+            qs.q,
+            qs.free_next,
+            qs.chain_next,
+            qs.head_ndesc,
+            qs.head_group,
+            qs.head_gidx,
+            rtype,
+            sector,
+            buf,
+            nbytes,
+            group,
+            gidx,
+            0,
+            k,
+            -1,
+            qs.kick_buf,
+        )
+        got_ref = R.submit_requests(
+            mem2.array,
+            ref.q,
+            ref.free_next,
+            ref.chain_next,
+            ref.head_ndesc,
+            ref.head_group,
+            ref.head_gidx,
+            rtype,
+            sector,
+            buf,
+            nbytes,
+            group,
+            gidx,
+            0,
+            k,
+            -1,
+            ref.kick_buf,
+        )
         assert got == got_ref
         np.testing.assert_array_equal(a, mem2.array)
         for x, y in zip(state_arrays(qs), state_arrays(ref), strict=True):
@@ -134,7 +184,7 @@ def test_kernels_match_twins(n, indirect, event_idx, rounds, start_idx) -> None:
             assert hdr_len == 16 and not hdr_flags & 2
             t, _, sec = struct.unpack("<IIQ", mem.read(hdr_addr, 16))
             assert (t, sec) == (int(rtype[r]), int(sector[r]))
-            st_addr, st_len, st_flags = chain[-1]
+            _, st_len, st_flags = chain[-1]
             assert st_len == 1 and st_flags & 2
             assert sum(ln for _, ln, _ in chain[1:-1]) == nbytes[r]
             writable = t in (0, 8)
@@ -153,10 +203,20 @@ def test_kernels_match_twins(n, indirect, event_idx, rounds, start_idx) -> None:
             del inflight[h]
         struct.pack_into("<H", a, mem.offset(qs.used_gpa + 2, 2), used_idx)
         mem2.array[:] = a
-        got = K.harvest(a, qs.q, qs.free_next, qs.chain_next, qs.head_ndesc, qs.head_group, qs.head_gidx,
-                        *grp, out)  # fmt: skip
-        got_ref = R.harvest(mem2.array, ref.q, ref.free_next, ref.chain_next, ref.head_ndesc, ref.head_group,
-                            ref.head_gidx, *grp_ref, out_ref)  # fmt: skip
+        got = K.harvest(
+            a, qs.q, qs.free_next, qs.chain_next, qs.head_ndesc, qs.head_group, qs.head_gidx, *grp, out
+        )
+        got_ref = R.harvest(
+            mem2.array,
+            ref.q,
+            ref.free_next,
+            ref.chain_next,
+            ref.head_ndesc,
+            ref.head_group,
+            ref.head_gidx,
+            *grp_ref,
+            out_ref,
+        )
         assert got == got_ref >= 0
         assert sorted(out[:got].tolist()) == sorted(out_ref[:got].tolist())
         for x, y in zip(state_arrays(qs) + grp, state_arrays(ref) + grp_ref, strict=True):
@@ -174,10 +234,25 @@ def test_harvest_refuses_a_lying_device(bad: str) -> None:
     mem, qs, data = make(8, True, True)
     a = mem.array
     one = np.ones(1, np.int32)
-    sub = K.submit_requests(a, qs.q, qs.free_next, qs.chain_next, qs.head_ndesc, qs.head_group, qs.head_gidx,
-                            np.zeros(1, np.uint32), np.zeros(1, np.uint64), np.full(1, data, np.uint64),
-                            np.full(1, 512, np.int64), np.zeros(1, np.int32), np.zeros(1, np.int32), 0, 1, -1,
-                            qs.kick_buf)  # fmt: skip
+    sub = K.submit_requests(
+        a,
+        qs.q,
+        qs.free_next,
+        qs.chain_next,
+        qs.head_ndesc,
+        qs.head_group,
+        qs.head_gidx,
+        np.zeros(1, np.uint32),
+        np.zeros(1, np.uint64),
+        np.full(1, data, np.uint64),
+        np.full(1, 512, np.int64),
+        np.zeros(1, np.int32),
+        np.zeros(1, np.int32),
+        0,
+        1,
+        -1,
+        qs.kick_buf,
+    )
     assert sub == 1
     used = mem.offset(qs.used_gpa, 1)
     head = int(np.nonzero(qs.head_ndesc)[0][0])
@@ -190,8 +265,17 @@ def test_harvest_refuses_a_lying_device(bad: str) -> None:
     else:
         struct.pack_into("<H", a, used + 2, 5)
     grp = [one.copy(), np.zeros(1, np.int32), np.zeros(1, np.int32), np.zeros(1, np.int64)]
-    got = K.harvest(a, qs.q, qs.free_next, qs.chain_next, qs.head_ndesc, qs.head_group, qs.head_gidx, *grp,
-                    np.zeros(8, np.int32))  # fmt: skip
+    got = K.harvest(
+        a,
+        qs.q,
+        qs.free_next,
+        qs.chain_next,
+        qs.head_ndesc,
+        qs.head_group,
+        qs.head_gidx,
+        *grp,
+        np.zeros(8, np.int32),
+    )
     assert got == -1
     expected = {"range": K.E_USED_ID_RANGE, "not_head": K.E_USED_NOT_HEAD, "jump": K.E_USED_IDX_JUMP}[bad]
     assert qs.q[K.Q_ERROR] == expected
@@ -202,17 +286,34 @@ def test_harvest_refuses_a_lying_device(bad: str) -> None:
 def test_missing_status_byte_is_an_error_not_success() -> None:
     mem, qs, data = make(8, False, False)
     a = mem.array
-    K.submit_requests(a, qs.q, qs.free_next, qs.chain_next, qs.head_ndesc, qs.head_group, qs.head_gidx,
-                      np.zeros(1, np.uint32), np.zeros(1, np.uint64), np.full(1, data, np.uint64),
-                      np.full(1, 4096, np.int64), np.zeros(1, np.int32), np.zeros(1, np.int32), 0, 1, -1,
-                      qs.kick_buf)  # fmt: skip
+    K.submit_requests(
+        a,
+        qs.q,
+        qs.free_next,
+        qs.chain_next,
+        qs.head_ndesc,
+        qs.head_group,
+        qs.head_gidx,
+        np.zeros(1, np.uint32),
+        np.zeros(1, np.uint64),
+        np.full(1, data, np.uint64),
+        np.full(1, 4096, np.int64),
+        np.zeros(1, np.int32),
+        np.zeros(1, np.int32),
+        0,
+        1,
+        -1,
+        qs.kick_buf,
+    )
     head = int(np.nonzero(qs.head_ndesc)[0][0])
     used = mem.offset(qs.used_gpa, 1)
     struct.pack_into("<II", a, used + 4, head, 4097)
     struct.pack_into("<H", a, used + 2, 1)
     grp = [np.ones(1, np.int32), np.zeros(1, np.int32), np.zeros(1, np.int32), np.zeros(1, np.int64)]
     out = np.zeros(8, np.int32)
-    got = K.harvest(a, qs.q, qs.free_next, qs.chain_next, qs.head_ndesc, qs.head_group, qs.head_gidx, *grp, out)
+    got = K.harvest(
+        a, qs.q, qs.free_next, qs.chain_next, qs.head_ndesc, qs.head_group, qs.head_gidx, *grp, out
+    )
     assert got == 1 and out[0] == 0
     assert grp[1][0] == 1  # IOERR recorded for the group
     assert qs.q[K.Q_ERROR] == K.E_NO_STATUS

@@ -82,8 +82,15 @@ ops = st.lists(
 )
 def test_sync_random_mix_matches_model(config: str, script, queue_size: int, nq: int, order: str) -> None:
     size = 2048 * 512
-    with Ledger.ram(size, num_queues=nq, device_queues=4, queue_size=queue_size, completion_order=order,
-                    pool_bytes=8 * MB, **CONFIGS[config]) as led:  # fmt: skip
+    with Ledger.ram(
+        size,
+        num_queues=nq,
+        device_queues=4,
+        queue_size=queue_size,
+        completion_order=order,
+        pool_bytes=8 * MB,
+        **CONFIGS[config],
+    ) as led:
         blk = led.sync()
         model = Model(size)
         for op, sector, n, fill in script:
@@ -117,8 +124,15 @@ async def test_trio_concurrent_tasks_match_model(config: str, order: str) -> Non
     """Sixteen tasks, each owning a region, mixing sizes; everything in flight at once."""
     size = 4 * MB
     rng = random.Random(f"{config}-{order}")
-    with Ledger.ram(size, num_queues=2, device_queues=2, queue_size=32, completion_order=order,
-                    pool_bytes=8 * MB, **CONFIGS[config]) as led:  # fmt: skip
+    with Ledger.ram(
+        size,
+        num_queues=2,
+        device_queues=2,
+        queue_size=32,
+        completion_order=order,
+        pool_bytes=8 * MB,
+        **CONFIGS[config],
+    ) as led:
         model = Model(size)
         region = size // 512 // 16
 
@@ -164,9 +178,11 @@ def test_index_wrap_is_crossed_with_data_intact() -> None:
 
 async def test_ring_full_submitters_wait_and_nothing_is_lost() -> None:
     """A queue of 4 with 64 concurrent requests: most must wait for descriptors."""
-    with Ledger.ram(MB, num_queues=1, device_queues=1, queue_size=4, features=NO_INDIRECT,
-                    pool_bytes=4 * MB) as led:  # fmt: skip
+    with Ledger.ram(
+        MB, num_queues=1, device_queues=1, queue_size=4, features=NO_INDIRECT, pool_bytes=4 * MB
+    ) as led:
         async with led.trio() as blk:
+
             async def one(i: int) -> None:
                 await blk.write(i * 8, bytes([i]) * 4096)
 
@@ -178,7 +194,9 @@ async def test_ring_full_submitters_wait_and_nothing_is_lost() -> None:
 
 
 def test_large_request_is_split_by_the_negotiated_limits() -> None:
-    with Ledger.ram(8 * MB, num_queues=1, device_queues=1, max_request_bytes=64 << 10, pool_bytes=4 * MB) as led:
+    with Ledger.ram(
+        8 * MB, num_queues=1, device_queues=1, max_request_bytes=64 << 10, pool_bytes=4 * MB
+    ) as led:
         blk = led.sync()
         data = random.Random(1).randbytes(3 * MB + 512)
         blk.write(1, data)
