@@ -50,6 +50,7 @@ import numpy as np
 
 from ._native import (
     address_of,
+    c_sched_yield,
     c_write,
     fence_seq_cst,
     load_acquire_u16,
@@ -362,7 +363,10 @@ def poll_used(mem, q, budget_ns):  # type: ignore[no-untyped-def]
     """Spin until ``used->idx`` moves or ``budget_ns`` pass; True if it moved.
 
     The acquire load is what keeps LLVM from hoisting the read out of the
-    loop (a plain load would spin forever on a stale value).
+    loop (a plain load would spin forever on a stale value).  The loop calls
+    ``sched_yield`` every 64 probes: when the device's worker is runnable on
+    this very core (more busy threads than cores), spinning without yielding
+    would only delay the completion we are waiting for.
     """
     last = q[Q_LAST_USED]
     used_off = q[Q_USED] + 2
@@ -376,5 +380,7 @@ def poll_used(mem, q, budget_ns):  # type: ignore[no-untyped-def]
         if load_acquire_u16(mem, used_off) != last:
             return True
         i += 1
-        if (i & 63) == 0 and monotonic_ns() >= deadline:
-            return False
+        if (i & 63) == 0:
+            if monotonic_ns() >= deadline:
+                return False
+            c_sched_yield()

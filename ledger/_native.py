@@ -204,6 +204,9 @@ c_fdatasync = types.ExternalFunction("fdatasync", _i32(_i32))
 c_fallocate = types.ExternalFunction("fallocate", _i32(_i32, _i32, _i64, _i64))
 c_memcpy = types.ExternalFunction("memcpy", _i64(_i64, _i64, _u64))
 c_memset = types.ExternalFunction("memset", _i64(_i64, _i32, _u64))
+# Spin loops call this now and then: on a machine with fewer cores than busy
+# threads, the thread we are waiting for may be runnable on *this* core.
+c_sched_yield = types.ExternalFunction("sched_yield", _i32())
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02

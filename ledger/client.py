@@ -41,6 +41,7 @@ import contextlib
 import os
 import select
 import struct
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -635,16 +636,39 @@ class TrioBlk:
             for i, (t, sector, buf, nbytes) in enumerate(reqs):
                 e.stage(t, sector, buf, nbytes, g, i)
         if not self._flush_pending:
-            # Yield once so the other tasks runnable now stage their requests too;
-            # then one kernel call publishes them all.
-            self._flush_pending = True
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            self._flush_pending = False
+            if trio.lowlevel.current_statistics().tasks_runnable:
+                # Other tasks can run now: yield once so they stage their requests
+                # too, then one kernel call publishes them all.
+                self._flush_pending = True
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                self._flush_pending = False
             e.flush()
+            if not trio.lowlevel.current_statistics().tasks_runnable:
+                # Nothing else to do in this thread: poll for our own completion
+                # here instead of paying two task switches through the reaper.
+                self._poll_inline(ev)
+            # Whatever is still in flight (ours or other tasks') needs a reaper.
             self._kick_reapers()
-        with trio.CancelScope(shield=True):
-            await ev.wait()
+        if ev.is_set():
+            await trio.lowlevel.checkpoint_if_cancelled()
+        else:
+            with trio.CancelScope(shield=True):
+                await ev.wait()
         return g
+
+    def _poll_inline(self, ev: trio.Event) -> None:
+        e = self.e
+        deadline = time.monotonic_ns() + self.poll_ns
+        while not ev.is_set():
+            busy = [q for q in e.queues if q.inflight]
+            if not busy:
+                return
+            budget = deadline - time.monotonic_ns()
+            if budget <= 0:
+                return
+            for q in busy:
+                if K.poll_used(e.mem, q.q, budget // len(busy)):
+                    self._reap(q)
 
     async def _alloc(self, nbytes: int) -> int:
         while True:
@@ -675,6 +699,9 @@ class TrioBlk:
                 if not q.inflight:
                     await self._work[i].wait()
                 continue
+            if trio.lowlevel.current_statistics().tasks_runnable:
+                # Let runnable tasks go first: they may add to the batch in flight.
+                await trio.lowlevel.checkpoint()
             if K.poll_used(mem, q.q, self.poll_ns):
                 self._reap(q)
                 await trio.lowlevel.checkpoint()
