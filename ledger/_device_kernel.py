@@ -606,7 +606,6 @@ def handle_request(mem, p, ctl, diag, head, seq, segs, err, hdr, ram, serial, ze
             diag_put(diag, D_GET_ID_SHORT, q, seq, head, head, rtype, sector, in_len, 20, 0)
             return
         # write the 20 serial bytes through the writable stream
-        at = 0
         done = 0
         for i in range(nseg):
             if done >= 20:
@@ -618,7 +617,6 @@ def handle_request(mem, p, ctl, diag, head, seq, segs, err, hdr, ram, serial, ze
             for j in range(k):
                 mem[o + j] = serial[done + j]
             done += k
-            at += segs[i, S_LEN]
         res[0] = S_OK
         res[1] = 21
         return
