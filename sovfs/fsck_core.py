@@ -153,10 +153,12 @@ class Problem:
     fixable: bool = True
     hint: bool = False
     fixed: bool = False
+    action: str = ""  # the repair, in words ("removed", "moved to lost+found")
 
     def __str__(self) -> str:
-        state = "FIXED" if self.fixed else ("not fixed" if self.fixable else "cannot fix")
-        return f"{self.code}: {self.message} [{state}]"
+        state = "FIXED" if self.fixed else ("NOT FIXED" if self.fixable else "CANNOT FIX")
+        act = f" (repair: {self.action})" if self.action else ""
+        return f"{self.code}: {self.message}{act} [{state}]"
 
 
 @dataclass
@@ -279,7 +281,10 @@ class Checker:
     # ------------------------------------------------------------------------------------ helpers
     def add(self, code: str, message: str, *, safe: bool = False, fixable: bool = True,
             hint: bool = False) -> Problem:
-        p = Problem(code, message, safe=safe, fixable=fixable, hint=hint)
+        action = ""
+        if "; " in message and fixable:
+            message, action = message.rsplit("; ", 1)
+        p = Problem(code, message, safe=safe, fixable=fixable, hint=hint, action=action)
         self.problems.append(p)
         return p
 
@@ -528,7 +533,7 @@ class Checker:
                 self.add("ORPHAN_LIST", f"orphan list broken at inode {ino}; list cleared", safe=True)
                 break
             seen.add(ino)
-            self.add("ORPHAN", f"orphan inode {ino} (nlink 0) freed", safe=True)
+            self.add("ORPHAN", f"orphan inode {ino} (nlink 0); freed", safe=True)
             nxt = inode.parent
             self._clear(ino, inode.generation)
             ino = nxt
@@ -685,7 +690,7 @@ class Checker:
         bs = self.bs
         dirty = False
         if inode.flags & ~IFLAGS_KNOWN:
-            self.add("INODE_FLAGS", f"inode {ino}: unknown flags {inode.flags & ~IFLAGS_KNOWN:#x} cleared")
+            self.add("INODE_FLAGS", f"inode {ino}: unknown flags {inode.flags & ~IFLAGS_KNOWN:#x}; cleared")
             inode.flags &= IFLAGS_KNOWN
             dirty = True
         if inode.flags & IFLAG_INLINE_DATA:
