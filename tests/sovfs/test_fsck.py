@@ -390,18 +390,19 @@ def test_foreign_and_truncated_images() -> None:
 OPS = st.lists(
     st.tuples(st.sampled_from(["mkdir", "create", "write", "truncate", "unlink", "rmdir", "rename", "link",
                                "xattr", "symlink"]),
-              st.integers(0, 7), st.integers(0, 7), st.integers(0, 40000)),
-    max_size=40,
+              st.integers(0, 7), st.integers(0, 3), st.integers(0, 40000)),
+    max_size=50,
 )
 
 
-@settings(max_examples=25)
+@settings(max_examples=40)
 @given(OPS)
 def test_random_operations_then_fsck_clean(ops: list[tuple[str, int, int, int]]) -> None:
     dev = FakeBlockDevice(4 << 20)
     make_filesystem(dev, MkfsParams(block_size=1024))
     fs = FileSystem.mount(dev)
     dirs = [R]
+    done: list[str] = []
     from sovfs.errors import SovError
 
     for op, x, y, n in ops:
@@ -412,6 +413,7 @@ def test_random_operations_then_fsck_clean(ops: list[tuple[str, int, int, int]])
                 dirs.append(fs.mkdir(d, name).ino)
             elif op == "create":
                 fs.create(d, name)
+                fs.write(fs.lookup(d, name).ino, n, b"c" * (n % 3000 + 1))
             elif op == "symlink":
                 fs.symlink(d, name, b"t" * (n % 200 + 1))
             elif op == "write":
@@ -430,9 +432,12 @@ def test_random_operations_then_fsck_clean(ops: list[tuple[str, int, int, int]])
                 fs.link(fs.lookup(d, name).ino, dirs[y % len(dirs)], b"l%d" % n)
             elif op == "xattr":
                 fs.setxattr(fs.lookup(d, name).ino, b"user.x", b"v" * (n % 500))
+            done.append(op)
         except SovError:
             pass
     fs.close()
+    if len(ops) > 20:
+        assert done, "no operation succeeded"
     assert_clean(dev)
 
 
@@ -492,3 +497,39 @@ def test_cli_repair_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert fsck_cli.main(["-n", "-y", str(img)]) == 16
     assert fsck_cli.main([]) == 16
     assert capsys.readouterr().err.count("\n") == 2
+
+
+# ------------------------------------------------------------------------------------------- fuzz
+def _fuzz(layout: Layout, seed: int, rounds: int) -> None:
+    """Random bit flips / garbage in random metadata blocks: never a crash; after -y always clean."""
+    import random
+
+    img = layout.img
+    sb = F.Superblock.unpack(img[1024:2048])
+    bs = sb.block_size
+    meta = [b for b in range(sb.data_start, sb.backup_sb_block) if img[b * bs : b * bs + 4] == b"SOVB"]
+    cands = [*range(1, sb.inode_table_start + 3), sb.journal_start, *meta, sb.backup_sb_block]
+    rnd = random.Random(seed)
+    for _ in range(rounds):
+        dev = clone(img)
+        for _ in range(rnd.randint(1, 4)):
+            b = rnd.choice(cands)
+            if rnd.random() < 0.5:
+                for _ in range(rnd.randint(1, 5)):
+                    dev.data[b * bs + rnd.randrange(bs)] ^= 1 << rnd.randrange(8)
+            else:
+                dev.data[b * bs : (b + 1) * bs] = rnd.randbytes(bs)
+        try:
+            check(dev, Mode.YES)
+        except CannotCheck:
+            continue
+        assert_clean(dev)
+
+
+def test_fuzz_metadata_quick(layout: Layout) -> None:
+    _fuzz(layout, 0, 25)
+
+
+@pytest.mark.slow
+def test_fuzz_metadata_long(layout: Layout) -> None:
+    _fuzz(layout, 1, 1000)
