@@ -113,6 +113,8 @@ INTRINSICS: dict[str, Any] = {
     "c_read": lambda fd, a, n: _libc.read(int(fd), int(a), int(n)),
     "c_write": lambda fd, a, n: _libc.write(int(fd), int(a), int(n)),
     "c_fdatasync": _fdatasync,
+    "c_memcpy": lambda dst, src, n: ctypes.memmove(int(dst), int(src), int(n)),
+    "c_sched_yield": lambda: os.sched_yield() or 0,
     "c_fallocate": lambda fd, mode, off, n: _libc.fallocate(int(fd), int(mode), int(off), int(n)),
 }
 
