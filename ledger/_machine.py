@@ -19,7 +19,9 @@ never stalls an event loop.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -48,6 +50,9 @@ class Ledger:
         features: mask of features the driver may accept (tests use it to
             switch off EVENT_IDX, INDIRECT_DESC, MQ); ``None`` = all.
         pool_bytes: guest memory for data buffers.
+        diag_log: a file that the device's diagnostics (refused requests, protocol
+            errors) are appended to when the ledger closes; nothing is written
+            when there are none.  ``ledger diag`` prints it.
         device_options: passed to :class:`VirtioBlkDevice` (``completion_order``,
             ``spin_us``, ``serial`` ...).
     """
@@ -63,10 +68,12 @@ class Ledger:
         max_request_bytes: int = 1 << 20,
         own_backend: bool = True,
         poll_us: int = 50,
+        diag_log: str | os.PathLike[str] | None = None,
         **device_options: Any,
     ) -> None:
         self.backend = backend
         self._own_backend = own_backend
+        self.diag_log = Path(diag_log) if diag_log is not None else None
         device_queues = device_options.pop("device_queues", max(num_queues, 1))
         self.memory = GuestMemory(pool_bytes + _RING_OVERHEAD_PER_QUEUE * (device_queues + 1))
         self.device: VirtioBlkDevice | None = None
@@ -123,10 +130,22 @@ class Ledger:
         """Stop the device (draining in-flight requests) and release everything. Idempotent."""
         if self.device is not None:
             self.device.close()
+            self._save_diagnostics(self.device)
             self.device = None
         if self._own_backend:
             self.backend.close()
         self.memory.close()
+
+    def _save_diagnostics(self, device: VirtioBlkDevice) -> None:
+        if self.diag_log is None:
+            return
+        diags = device.diagnostics()
+        if not diags:
+            return
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        with contextlib.suppress(OSError), open(self.diag_log, "a", encoding="utf-8") as f:
+            for d in diags:
+                f.write(f"{stamp} {d}\n")
 
     def __enter__(self) -> Ledger:
         return self
