@@ -29,6 +29,7 @@ from typing import Any
 
 import trio
 
+from . import _driver_kernels as K
 from .backend import Backend, FileBackend, RamBackend
 from .client import Engine, SyncBlk, TrioBlk
 from .device import VirtioBlkDevice
@@ -73,6 +74,7 @@ class Ledger:
     ) -> None:
         self.backend = backend
         self._own_backend = own_backend
+        self._sync: SyncBlk | None = None
         self.diag_log = Path(diag_log) if diag_log is not None else None
         device_queues = device_options.pop("device_queues", max(num_queues, 1))
         self.memory = GuestMemory(pool_bytes + _RING_OVERHEAD_PER_QUEUE * (device_queues + 1))
@@ -84,11 +86,26 @@ class Ledger:
                 features=features, max_request_bytes=max_request_bytes,
             )  # fmt: skip
             self.engine = Engine(self.driver, pool_bytes=pool_bytes)
+            self._poll_us = poll_us
+            self._sync = None
+            self._warm_up()
         except BaseException:
             self.close()
             raise
-        self._poll_us = poll_us
-        self._sync: SyncBlk | None = None
+
+    def _warm_up(self) -> None:
+        """Run every kernel once, now, so none is compiled inside an event loop.
+
+        With Numba's on-disk cache warm this costs one request round trip and
+        a few cache loads; cold, it is where compilation happens (see
+        docs/BENCHMARKS.md for both figures).  The device's worker compiles in
+        its own thread, but holds the GIL while it does, so waiting for the
+        first request here is what keeps it off the caller's path.
+        """
+        self.sync().read(0, 1)
+        q = self.driver.queues[0]
+        K.poll_used(self.engine.mem, q.q, 0)
+        K.set_interrupts(self.engine.mem, q.q, False)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, read_only: bool = False, **kwargs: Any) -> Ledger:
