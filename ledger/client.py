@@ -398,8 +398,9 @@ class SyncBlk:
         win = self._window(total)
         for w0 in range(0, total, win):
             pieces = e.split(sector + w0 // SECTOR, min(win, total - w0))
-            bufs = [self._alloc(n) for _, n in pieces]
+            bufs: list[int] = []
             try:
+                bufs.extend(self._alloc(n) for _, n in pieces)
                 g = self._run([(S.VIRTIO_BLK_T_IN, s, b, n) for (s, n), b in zip(pieces, bufs, strict=True)])
                 e.raise_for(g, S.VIRTIO_BLK_T_IN, [s for s, _ in pieces])
                 pos = w0
@@ -407,7 +408,7 @@ class SyncBlk:
                     dst[pos : pos + n] = e.pool.view(b, n).data
                     pos += n
             finally:
-                for (_, n), b in zip(pieces, bufs, strict=True):
+                for (_, n), b in zip(pieces, bufs, strict=False):
                     e.pool.free(b, n)
         return bytes(out)
 
@@ -421,8 +422,9 @@ class SyncBlk:
         win = self._window(len(src))
         for w0 in range(0, len(src), win):
             pieces = e.split(sector + w0 // SECTOR, min(win, len(src) - w0))
-            bufs = [self._alloc(n) for _, n in pieces]
+            bufs: list[int] = []
             try:
+                bufs.extend(self._alloc(n) for _, n in pieces)
                 pos = w0
                 for (_, n), b in zip(pieces, bufs, strict=True):
                     e.pool.view(b, n)[:] = src[pos : pos + n]
@@ -430,7 +432,7 @@ class SyncBlk:
                 g = self._run([(S.VIRTIO_BLK_T_OUT, s, b, n) for (s, n), b in zip(pieces, bufs, strict=True)])
                 e.raise_for(g, S.VIRTIO_BLK_T_OUT, [s for s, _ in pieces])
             finally:
-                for (_, n), b in zip(pieces, bufs, strict=True):
+                for (_, n), b in zip(pieces, bufs, strict=False):
                     e.pool.free(b, n)
 
     def readv(self, requests: Sequence[tuple[int, int]]) -> list[bytes]:
@@ -620,6 +622,9 @@ class TrioBlk:
     async def _submit_group(self, reqs: Sequence[tuple[int, int, int, int]] | Batch) -> int:
         e = self.e
         n = len(reqs)
+        # The cancellation point comes before anything is staged: from here on the
+        # group belongs to the device until it completes, and the caller releases it.
+        await trio.lowlevel.checkpoint_if_cancelled()
         while True:
             if e.broken is not None:
                 raise e.broken
@@ -649,9 +654,7 @@ class TrioBlk:
                 self._poll_inline(ev)
             # Whatever is still in flight (ours or other tasks') needs a reaper.
             self._kick_reapers()
-        if ev.is_set():
-            await trio.lowlevel.checkpoint_if_cancelled()
-        else:
+        if not ev.is_set():
             with trio.CancelScope(shield=True):
                 await ev.wait()
         return g
@@ -747,8 +750,10 @@ class TrioBlk:
         win = max(e.max_request, 8 << 20)
         for w0 in range(0, total, win):
             part = e.split(sector + w0 // SECTOR, min(win, total - w0))
-            bufs = [await self._alloc(n) for _, n in part]
+            bufs: list[int] = []
             try:
+                for _, n in part:
+                    bufs.append(await self._alloc(n))
                 g = await self._submit_group(
                     [(S.VIRTIO_BLK_T_IN, s, b, n) for (s, n), b in zip(part, bufs, strict=True)]
                 )
@@ -758,7 +763,7 @@ class TrioBlk:
                     dst[pos : pos + n] = e.pool.view(b, n).data
                     pos += n
             finally:
-                for (_, n), b in zip(part, bufs, strict=True):
+                for (_, n), b in zip(part, bufs, strict=False):
                     self._free(b, n)
         return bytes(out)
 
@@ -772,8 +777,10 @@ class TrioBlk:
         win = max(e.max_request, 8 << 20)
         for w0 in range(0, len(src), win):
             part = e.split(sector + w0 // SECTOR, min(win, len(src) - w0))
-            bufs = [await self._alloc(n) for _, n in part]
+            bufs: list[int] = []
             try:
+                for _, n in part:
+                    bufs.append(await self._alloc(n))
                 pos = w0
                 for (_, n), b in zip(part, bufs, strict=True):
                     e.pool.view(b, n)[:] = src[pos : pos + n]
@@ -783,7 +790,7 @@ class TrioBlk:
                 )
                 e.raise_for(g, S.VIRTIO_BLK_T_OUT, [s for s, _ in part])
             finally:
-                for (_, n), b in zip(part, bufs, strict=True):
+                for (_, n), b in zip(part, bufs, strict=False):
                     self._free(b, n)
 
     async def flush(self) -> None:
