@@ -596,6 +596,7 @@ class TrioBlk:
         self.poll_ns = poll_us * 1000
         self._events: dict[int, trio.Event] = {}
         self._flush_pending = False
+        self._active = 0  # tasks inside _submit_group (staging or waiting)
         self._work = [trio.Event() for _ in engine.queues]
         self._space = trio.Event()  # set when descriptors, staging room or buffers come back
 
@@ -640,23 +641,27 @@ class TrioBlk:
         else:
             for i, (t, sector, buf, nbytes) in enumerate(reqs):
                 e.stage(t, sector, buf, nbytes, g, i)
-        if not self._flush_pending:
-            if trio.lowlevel.current_statistics().tasks_runnable:
-                # Other tasks can run now: yield once so they stage their requests
-                # too, then one kernel call publishes them all.
-                self._flush_pending = True
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                self._flush_pending = False
-            e.flush()
-            if not trio.lowlevel.current_statistics().tasks_runnable:
-                # Nothing else to do in this thread: poll for our own completion
-                # here instead of paying two task switches through the reaper.
+        self._active += 1
+        try:
+            if not self._flush_pending:
+                if self._active > 1:
+                    # Other tasks use the ledger: yield once so that those runnable
+                    # now stage their requests too; one kernel call publishes them all.
+                    self._flush_pending = True
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    self._flush_pending = False
+                e.flush()
+                # The flushing task polls for the completions itself (its own and
+                # those of the requests it published for others) instead of paying
+                # two task switches through the reaper; the wait is bounded by poll_us.
                 self._poll_inline(ev)
-            # Whatever is still in flight (ours or other tasks') needs a reaper.
-            self._kick_reapers()
-        if not ev.is_set():
-            with trio.CancelScope(shield=True):
-                await ev.wait()
+                # Whatever is still in flight (ours or other tasks') needs a reaper.
+                self._kick_reapers()
+            if not ev.is_set():
+                with trio.CancelScope(shield=True):
+                    await ev.wait()
+        finally:
+            self._active -= 1
         return g
 
     def _poll_inline(self, ev: trio.Event) -> None:
@@ -702,9 +707,6 @@ class TrioBlk:
                 if not q.inflight:
                     await self._work[i].wait()
                 continue
-            if trio.lowlevel.current_statistics().tasks_runnable:
-                # Let runnable tasks go first: they may add to the batch in flight.
-                await trio.lowlevel.checkpoint()
             if K.poll_used(mem, q.q, self.poll_ns):
                 self._reap(q)
                 await trio.lowlevel.checkpoint()
