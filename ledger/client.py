@@ -160,6 +160,8 @@ class Engine:
         self.st_count = 0  # staged requests in total (submitted ones before st_head)
         self._rr = 0
         self.broken: DeviceError | None = None
+        #: called when a group is released (a front end waiting for room wakes up)
+        self.on_space: Callable[[], None] | None = None
         for q in self.queues:
             K.set_interrupts(self.mem, q.q, False)
 
@@ -181,6 +183,8 @@ class Engine:
         res = int(self.grp_err_status[g]), int(self.grp_err_idx[g]), int(self.grp_bytes[g])
         self.on_done[g] = None
         self.free_groups.append(g)
+        if self.on_space is not None:
+            self.on_space()
         return res
 
     def staging_room(self) -> int:
@@ -598,7 +602,9 @@ class TrioBlk:
         self._flush_pending = False
         self._active = 0  # tasks inside _submit_group (staging or waiting)
         self._work = [trio.Event() for _ in engine.queues]
-        self._space = trio.Event()  # set when descriptors, staging room or buffers come back
+        self._space = trio.Event()  # set when descriptors, staging room, groups or buffers come back
+        self._space_waiters = 0
+        engine.on_space = self._wake_space
 
     @property
     def capacity(self) -> int:
@@ -612,8 +618,16 @@ class TrioBlk:
             ev.set()
 
     def _wake_space(self) -> None:
-        self._space.set()
-        self._space = trio.Event()
+        if self._space_waiters:
+            self._space.set()
+            self._space = trio.Event()
+
+    async def _wait_space(self) -> None:
+        self._space_waiters += 1
+        try:
+            await self._space.wait()
+        finally:
+            self._space_waiters -= 1
 
     def _kick_reapers(self) -> None:
         for i, q in enumerate(self.e.queues):
@@ -631,7 +645,7 @@ class TrioBlk:
                 raise e.broken
             if e.free_groups and e.staging_room() >= n:
                 break
-            await self._space.wait()
+            await self._wait_space()
         ev = trio.Event()
         g = e.new_group(n, self._mark)
         assert g is not None  # checked above, and nothing awaited since
@@ -685,7 +699,7 @@ class TrioBlk:
                 return gpa
             if self.e.broken is not None:
                 raise self.e.broken
-            await self._space.wait()
+            await self._wait_space()
 
     def _free(self, gpa: int, nbytes: int) -> None:
         self.e.pool.free(gpa, nbytes)

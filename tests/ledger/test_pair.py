@@ -270,3 +270,32 @@ async def test_cancelled_waiters_leave_the_ledger_consistent() -> None:
             await trio.sleep(0.05)
             assert all(q.inflight == 0 for q in led.driver.queues)
             assert len(led.engine.free_groups) == len(led.engine.on_done)
+
+
+async def test_more_concurrent_batches_than_groups_all_complete() -> None:
+    """Group ids, staging room and descriptors all run out; every batch still completes."""
+    with Ledger.ram(MB, num_queues=1, device_queues=1, queue_size=4, pool_bytes=4 * MB) as led:
+        ngroups = len(led.engine.on_done)
+        # poll_us=0: no task finds its completion by polling, so all of them wait at once.
+        async with led.trio(poll_us=0) as blk:
+            gpa, view = blk.alloc_buffer(512)
+            view[:] = 7
+            await blk.write(0, bytes([7]) * 512)
+
+            async def one() -> None:
+                await blk.submit_batch(Batch.uniform(S.VIRTIO_BLK_T_IN, [0, 0], 1, [gpa, gpa]))
+
+            waited = 0
+            real_wait = blk._wait_space
+
+            async def counting_wait() -> None:
+                nonlocal waited
+                waited += 1
+                await real_wait()
+
+            blk._wait_space = counting_wait  # type: ignore[method-assign]
+            async with trio.open_nursery() as n:
+                for _ in range(ngroups + 50):
+                    n.start_soon(one)
+        assert waited > 0  # some tasks really had to wait for a group
+        assert len(led.engine.free_groups) == ngroups
