@@ -6,10 +6,12 @@ Measures, in one run and on the same image file:
   1 MiB sequential) on the image, page cache warm;
 * the ledger: 4 KiB random read and write IOPS and 1 MiB sequential MB/s at
   queue depth 1, 8, 32, 128, with 1 and 2 queues, on the RAM backend and on
-  the file backend.  Queue depth *d* means *d* requests in flight, submitted as
-  two alternating :class:`~ledger.client.Batch` es of *d/2* from two trio tasks
-  (a double-buffered pipeline), or a single task doing ``await blk.read()``
-  for d = 1;
+  the file backend.  Queue depth *d* means one trio task keeping *d* requests
+  in flight as one :class:`~ledger.client.Batch` (fio's ``iodepth=d`` with
+  ``iodepth_batch_submit=iodepth_batch_complete=d``), or ``await blk.read()``
+  in a loop for d = 1; plus 8 and 32 concurrent tasks each calling
+  ``await blk.read()`` (the per-request API under concurrency);
+* start-up: import + first ``Ledger`` with an empty Numba cache and a warm one;
 * the QD1 round trip (``await blk.read`` of one 4 KiB block, trio wake-up
   included) and the process CPU time per request (device and driver threads
   together) at QD32 on the RAM backend.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -104,29 +107,61 @@ async def ledger_rate(
                         await blk.read(s, nsect)
                     n += 1
             return n / (time.perf_counter() - t0), time.process_time() - c0, n
-        half = max(1, qd // 2)
-        bufs = [np.array([blk.alloc_buffer(block)[0] for _ in range(half)], np.uint64) for _ in range(2)]
-        counts = [0, 0]
+        # One task keeps `qd` requests in flight as one Batch (fio's iodepth=qd with
+        # iodepth_batch_submit = iodepth_batch_complete = qd); the batch is reused.
+        bufs = np.array([blk.alloc_buffer(block)[0] for _ in range(qd)], np.uint64)
+        batch = Batch.uniform(rtype, np.zeros(qd, np.uint64), nsect, bufs)
+        n = 0
+        pos = 0
         c0, t0 = time.process_time(), time.perf_counter()
         deadline = t0 + seconds
+        while time.perf_counter() < deadline:
+            if sequential:
+                batch.sector[:] = (np.arange(pos, pos + qd) % cap) * nsect
+                pos += qd
+            else:
+                batch.sector[:] = rng.integers(0, cap, qd) * nsect
+            await blk.submit_batch(batch)
+            n += qd
+        return n / (time.perf_counter() - t0), time.process_time() - c0, n
 
-        async def pump(k: int) -> None:
-            pos = k * half
+
+async def tasks_rate(ledger: Ledger, ntasks: int, seconds: float) -> float:
+    """Requests/s of `ntasks` concurrent tasks, each looping over ``await blk.read`` of 4 KiB."""
+    cap = ledger.capacity_sectors // 8
+    counts = [0] * ntasks
+    async with ledger.trio() as blk:
+        deadline = time.perf_counter() + seconds
+
+        async def worker(k: int) -> None:
+            i = k * 7919
             while time.perf_counter() < deadline:
-                if sequential:
-                    secs = ((np.arange(pos, pos + half) % cap) * nsect).astype(np.uint64)
-                    pos += 2 * half
-                else:
-                    secs = (rng.integers(0, cap, half) * nsect).astype(np.uint64)
-                await blk.submit_batch(Batch.uniform(rtype, secs, nsect, bufs[k]))
-                counts[k] += half
+                await blk.read((i % cap) * 8, 8)
+                i += 104729
+                counts[k] += 1
 
+        t0 = time.perf_counter()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(pump, 0)
-            nursery.start_soon(pump, 1)
-        elapsed = time.perf_counter() - t0
-        n = sum(counts)
-        return n / elapsed, time.process_time() - c0, n
+            for k in range(ntasks):
+                nursery.start_soon(worker, k)
+        return sum(counts) / (time.perf_counter() - t0)
+
+
+def start_times() -> tuple[float, float]:
+    """Seconds to import the ledger and build a RAM ledger: cold (empty Numba cache), then warm."""
+    code = (
+        "import time; t = time.perf_counter(); from ledger import Ledger; "
+        "Ledger.ram(1 << 20).close(); print(time.perf_counter() - t)"
+    )
+    root = str(Path(__file__).resolve().parent.parent)
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache, PYTHONPATH=root)
+        out = [
+            float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                 check=True).stdout)
+            for _ in range(2)
+        ]  # fmt: skip
+    return out[0], out[1]
 
 
 async def qd1_rtt(ledger: Ledger, seconds: float) -> float:
@@ -196,6 +231,12 @@ def main() -> int:
                     print(f"{backend_name:4} queues={nq} qd=8   {job:9} {mbs:>12,.0f} MB/s", flush=True)
         with Ledger(FileBackend(img), num_queues=1, device_queues=1) as led:
             rtt = trio.run(qd1_rtt, led, secs)
+        for ntasks in (8, 32):
+            with Ledger(FileBackend(img), num_queues=2, device_queues=2) as led:
+                rate = trio.run(tasks_rate, led, ntasks, secs)
+            rows.append((f"ledger file q2, {ntasks} tasks x read()", "4K randread", rate, "IOPS"))
+            print(f"file queues=2 {ntasks} tasks, one read() each {rate:>12,.0f} IOPS", flush=True)
+        cold, warm = start_times()
         ratio = results[("file", 1, 32, "randread")] / base_rr
         print()
         print("| target | job | result | unit | vs limit |")
@@ -210,6 +251,9 @@ def main() -> int:
             print(f"| {who} | {job} | {val:,.0f} | {unit} | {val / base[job]:.2f} |")
         print()
         print(f"QD1 round trip (file, trio, 4 KiB read): {rtt:.1f} us median")
+        print(
+            f"start (import + Ledger.ram + first request): cold {cold:.2f} s (compiling), warm {warm:.2f} s"
+        )
         print(f"ledger qd32_ratio_vs_pread={ratio:.2f} qd1_rtt_us={rtt:.1f} cpu_us_per_req={cpu_per_req:.2f}")
     return 0
 

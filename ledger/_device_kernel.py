@@ -64,9 +64,11 @@ from ledger._native import (
     address_of,
     c_fallocate,
     c_fdatasync,
+    c_memcpy,
     c_pread,
     c_pwrite,
     c_read,
+    c_sched_yield,
     c_write,
     errno,
     fence_seq_cst,
@@ -437,10 +439,12 @@ def image_io(mem, segs, nseg, want_write, skip, total, img, image_fd, ram, is_wr
         o = segs[i, S_OFF] + start
         at += ln
         if image_fd < 0:
+            # memcpy, not a slice assignment: Numba compiles the latter to a
+            # byte loop that is several times slower for 4 KiB+ copies.
             if is_write:
-                ram[img + done : img + done + k] = mem[o : o + k]
+                c_memcpy(address_of(ram, img + done), address_of(mem, o), np.uint64(k))
             else:
-                mem[o : o + k] = ram[img + done : img + done + k]
+                c_memcpy(address_of(mem, o), address_of(ram, img + done), np.uint64(k))
         else:
             e = rw_file(image_fd, mem, o, k, img + done, is_write)
             if e != 0:
@@ -789,6 +793,7 @@ def serve_queue(mem, p, ctl, shared, call_fds, diag, ram, serial, zeros):
     completed = 0
     no_notify = False
     idle_since = monotonic_ns()
+    spins = 0
     while True:
         if load_acquire_u64(ctl, C_STOP * 8) != 0:
             break
@@ -805,6 +810,11 @@ def serve_queue(mem, p, ctl, shared, call_fds, diag, ram, serial, zeros):
                 break
             now = monotonic_ns()
             if now - idle_since < spin_ns:
+                spins += 1
+                if (spins & 63) == 0:
+                    # More busy threads than cores: the driver we wait for may be
+                    # runnable on this very core, so give it the CPU now and then.
+                    c_sched_yield()
                 if not event_idx and not no_notify:
                     # polling: tell the driver not to kick (VIRTQ_USED_F_NO_NOTIFY)
                     store_release_u16(mem, used, 1)
@@ -858,11 +868,13 @@ def serve_queue(mem, p, ctl, shared, call_fds, diag, ram, serial, zeros):
             if res[0] != S_OK:
                 ctl[C_ERRORS] += 1
         make_order(ctl, n, p[P_ORDER], order)
+        # Count before publishing: the release store of used->idx then makes the
+        # statistics at least as new as the completions a driver can see.
+        ctl[C_REQUESTS] += n
         if n > 0:
             publish(mem, p, ctl, shared, heads, stat, ulen, soff, n, order)
         for i in range(n):
             inflight[heads[i]] = 0
-        ctl[C_REQUESTS] += n
         completed += n
         if broken:
             needs_reset(p, ctl, shared, call_fds)

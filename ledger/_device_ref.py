@@ -85,6 +85,11 @@ def _noop() -> None:
     return None
 
 
+def _sched_yield() -> int:
+    os.sched_yield()
+    return 0
+
+
 def _fdatasync(fd: int) -> int:
     try:
         os.fdatasync(int(fd))
@@ -113,6 +118,8 @@ INTRINSICS: dict[str, Any] = {
     "c_read": lambda fd, a, n: _libc.read(int(fd), int(a), int(n)),
     "c_write": lambda fd, a, n: _libc.write(int(fd), int(a), int(n)),
     "c_fdatasync": _fdatasync,
+    "c_memcpy": lambda dst, src, n: ctypes.memmove(int(dst), int(src), int(n)),
+    "c_sched_yield": _sched_yield,
     "c_fallocate": lambda fd, mode, off, n: _libc.fallocate(int(fd), int(mode), int(off), int(n)),
 }
 

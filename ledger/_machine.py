@@ -19,7 +19,9 @@ never stalls an event loop.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,6 +29,7 @@ from typing import Any
 
 import trio
 
+from . import _driver_kernels as K
 from .backend import Backend, FileBackend, RamBackend
 from .client import Engine, SyncBlk, TrioBlk
 from .device import VirtioBlkDevice
@@ -48,6 +51,9 @@ class Ledger:
         features: mask of features the driver may accept (tests use it to
             switch off EVENT_IDX, INDIRECT_DESC, MQ); ``None`` = all.
         pool_bytes: guest memory for data buffers.
+        diag_log: a file that the device's diagnostics (refused requests, protocol
+            errors) are appended to when the ledger closes; nothing is written
+            when there are none.  ``ledger diag`` prints it.
         device_options: passed to :class:`VirtioBlkDevice` (``completion_order``,
             ``spin_us``, ``serial`` ...).
     """
@@ -63,10 +69,13 @@ class Ledger:
         max_request_bytes: int = 1 << 20,
         own_backend: bool = True,
         poll_us: int = 50,
+        diag_log: str | os.PathLike[str] | None = None,
         **device_options: Any,
     ) -> None:
         self.backend = backend
         self._own_backend = own_backend
+        self._sync: SyncBlk | None = None
+        self.diag_log = Path(diag_log) if diag_log is not None else None
         device_queues = device_options.pop("device_queues", max(num_queues, 1))
         self.memory = GuestMemory(pool_bytes + _RING_OVERHEAD_PER_QUEUE * (device_queues + 1))
         self.device: VirtioBlkDevice | None = None
@@ -77,11 +86,26 @@ class Ledger:
                 features=features, max_request_bytes=max_request_bytes,
             )  # fmt: skip
             self.engine = Engine(self.driver, pool_bytes=pool_bytes)
+            self._poll_us = poll_us
+            self._sync = None
+            self._warm_up()
         except BaseException:
             self.close()
             raise
-        self._poll_us = poll_us
-        self._sync: SyncBlk | None = None
+
+    def _warm_up(self) -> None:
+        """Run every kernel once, now, so none is compiled inside an event loop.
+
+        With Numba's on-disk cache warm this costs one request round trip and
+        a few cache loads; cold, it is where compilation happens (see
+        docs/BENCHMARKS.md for both figures).  The device's worker compiles in
+        its own thread, but holds the GIL while it does, so waiting for the
+        first request here is what keeps it off the caller's path.
+        """
+        self.sync().read(0, 1)
+        q = self.driver.queues[0]
+        K.poll_used(self.engine.mem, q.q, 0)
+        K.set_interrupts(self.engine.mem, q.q, False)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, read_only: bool = False, **kwargs: Any) -> Ledger:
@@ -123,10 +147,22 @@ class Ledger:
         """Stop the device (draining in-flight requests) and release everything. Idempotent."""
         if self.device is not None:
             self.device.close()
+            self._save_diagnostics(self.device)
             self.device = None
         if self._own_backend:
             self.backend.close()
         self.memory.close()
+
+    def _save_diagnostics(self, device: VirtioBlkDevice) -> None:
+        if self.diag_log is None:
+            return
+        diags = device.diagnostics()
+        if not diags:
+            return
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        with contextlib.suppress(OSError), open(self.diag_log, "a", encoding="utf-8") as f:
+            for d in diags:
+                f.write(f"{stamp} {d}\n")
 
     def __enter__(self) -> Ledger:
         return self

@@ -14,6 +14,9 @@ Exit status:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,7 +62,7 @@ def hexdump(data: bytes, base: int = 0) -> str:
     starred = False
     for off in range(0, len(data), 16):
         row = data[off : off + 16]
-        if row == prev and off + 16 < len(data):
+        if row == prev:
             if not starred:
                 lines.append("*")
                 starred = True
@@ -80,11 +83,23 @@ def _open(path: str, read_only: bool) -> Ledger:
     if not p.is_file() and not p.is_block_device():
         raise UsageError(f"{path}: not a regular file or block device")
     try:
-        return Ledger.open(p, read_only=read_only, num_queues=1, pool_bytes=16 << 20)
+        return Ledger.open(
+            p,
+            read_only=read_only,
+            num_queues=1,
+            device_queues=2,
+            pool_bytes=16 << 20,
+            diag_log=diag_log_path(path),
+        )
     except BackendError as e:
         raise UsageError(str(e)) from None
     except PermissionError:
         raise UsageError(f"{path}: permission denied") from None
+
+
+def diag_log_path(image: str | os.PathLike[str]) -> Path:
+    """Where the device's diagnostics for ``image`` are kept: ``IMAGE.ledger-diag.log``."""
+    return Path(f"{os.fspath(image)}.ledger-diag.log")
 
 
 def _check_sectors(ledger: Ledger, sector: int, count: int) -> None:
@@ -165,6 +180,35 @@ def cmd_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_diag(args: argparse.Namespace) -> int:
+    if args.selftest:
+        from .selftest import MISTAKES
+
+        for m in MISTAKES:
+            out = m.run()
+            print(f"== {m.name}: {m.what}")
+            for d in out.diagnostics:
+                print(f"   device: {d}")
+            if not out.diagnostics:
+                print("   device: (nothing recorded)")
+            if out.status_byte is not None:
+                print(f"   the driver finds status byte {out.status_byte:#04x} "
+                      f"({S.STATUS_NAMES.get(out.status_byte, 'never written by the device')})")  # fmt: skip
+            print()
+        return EXIT_OK
+    log = diag_log_path(args.image)
+    if not Path(args.image).exists():
+        raise UsageError(f"{args.image}: no such image")
+    if not log.exists() or log.stat().st_size == 0:
+        print(f"{args.image}: no driver errors recorded")
+        return EXIT_OK
+    text = log.read_text(encoding="utf-8", errors="replace")
+    sys.stdout.write(text)
+    if args.clear:
+        log.unlink()
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ledger",
@@ -201,12 +245,29 @@ def build_parser() -> argparse.ArgumentParser:
     image_opt(i)
     i.add_argument("--read-only", action="store_true", help="open the image read-only (the device offers RO)")
     i.set_defaults(func=cmd_info)
+    dg = sub.add_parser(
+        "diag",
+        help="print the driver errors the device recorded for an image (or --selftest)",
+        description="Every request the device refuses is recorded in plain words, naming the request "
+        "and the descriptor. Commands that use an image append them to IMAGE.ledger-diag.log; "
+        "this prints that file. --selftest makes the classic driver mistakes on purpose "
+        "against a RAM disk and shows what the device says about each.",
+    )
+    image_opt(dg)
+    dg.add_argument("--selftest", action="store_true", help="show the diagnostics for common driver mistakes")
+    dg.add_argument("--clear", action="store_true", help="delete the log after printing it")
+    dg.set_defaults(func=cmd_diag)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Diagnostics are printed or saved by the commands themselves; the device's
+    # log records would only repeat them on stderr.
+    device_log = logging.getLogger("ledger.device")
+    device_log.propagate = False
+    device_log.addHandler(logging.NullHandler())
     try:
         rc: int = args.func(args)
         return rc
@@ -226,6 +287,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # stdout closed early (`ledger dd read 0 --count 100 | head`): not an error.
+        with contextlib.suppress(OSError):
+            sys.stdout.close()
+        return EXIT_OK
+    except Exception as e:  # a bug of ours: still one line, the traceback only on request
+        if os.environ.get("LEDGER_DEBUG"):
+            raise
+        print(
+            f"ledger: internal error: {type(e).__name__}: {e} (set LEDGER_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_IO
 
 
 if __name__ == "__main__":

@@ -160,6 +160,8 @@ class Engine:
         self.st_count = 0  # staged requests in total (submitted ones before st_head)
         self._rr = 0
         self.broken: DeviceError | None = None
+        #: called when a group is released (a front end waiting for room wakes up)
+        self.on_space: Callable[[], None] | None = None
         for q in self.queues:
             K.set_interrupts(self.mem, q.q, False)
 
@@ -181,6 +183,8 @@ class Engine:
         res = int(self.grp_err_status[g]), int(self.grp_err_idx[g]), int(self.grp_bytes[g])
         self.on_done[g] = None
         self.free_groups.append(g)
+        if self.on_space is not None:
+            self.on_space()
         return res
 
     def staging_room(self) -> int:
@@ -398,8 +402,9 @@ class SyncBlk:
         win = self._window(total)
         for w0 in range(0, total, win):
             pieces = e.split(sector + w0 // SECTOR, min(win, total - w0))
-            bufs = [self._alloc(n) for _, n in pieces]
+            bufs: list[int] = []
             try:
+                bufs.extend(self._alloc(n) for _, n in pieces)
                 g = self._run([(S.VIRTIO_BLK_T_IN, s, b, n) for (s, n), b in zip(pieces, bufs, strict=True)])
                 e.raise_for(g, S.VIRTIO_BLK_T_IN, [s for s, _ in pieces])
                 pos = w0
@@ -407,7 +412,7 @@ class SyncBlk:
                     dst[pos : pos + n] = e.pool.view(b, n).data
                     pos += n
             finally:
-                for (_, n), b in zip(pieces, bufs, strict=True):
+                for (_, n), b in zip(pieces, bufs, strict=False):
                     e.pool.free(b, n)
         return bytes(out)
 
@@ -421,8 +426,9 @@ class SyncBlk:
         win = self._window(len(src))
         for w0 in range(0, len(src), win):
             pieces = e.split(sector + w0 // SECTOR, min(win, len(src) - w0))
-            bufs = [self._alloc(n) for _, n in pieces]
+            bufs: list[int] = []
             try:
+                bufs.extend(self._alloc(n) for _, n in pieces)
                 pos = w0
                 for (_, n), b in zip(pieces, bufs, strict=True):
                     e.pool.view(b, n)[:] = src[pos : pos + n]
@@ -430,7 +436,7 @@ class SyncBlk:
                 g = self._run([(S.VIRTIO_BLK_T_OUT, s, b, n) for (s, n), b in zip(pieces, bufs, strict=True)])
                 e.raise_for(g, S.VIRTIO_BLK_T_OUT, [s for s, _ in pieces])
             finally:
-                for (_, n), b in zip(pieces, bufs, strict=True):
+                for (_, n), b in zip(pieces, bufs, strict=False):
                     e.pool.free(b, n)
 
     def readv(self, requests: Sequence[tuple[int, int]]) -> list[bytes]:
@@ -594,8 +600,11 @@ class TrioBlk:
         self.poll_ns = poll_us * 1000
         self._events: dict[int, trio.Event] = {}
         self._flush_pending = False
+        self._active = 0  # tasks inside _submit_group (staging or waiting)
         self._work = [trio.Event() for _ in engine.queues]
-        self._space = trio.Event()  # set when descriptors, staging room or buffers come back
+        self._space = trio.Event()  # set when descriptors, staging room, groups or buffers come back
+        self._space_waiters = 0
+        engine.on_space = self._wake_space
 
     @property
     def capacity(self) -> int:
@@ -609,8 +618,16 @@ class TrioBlk:
             ev.set()
 
     def _wake_space(self) -> None:
-        self._space.set()
-        self._space = trio.Event()
+        if self._space_waiters:
+            self._space.set()
+            self._space = trio.Event()
+
+    async def _wait_space(self) -> None:
+        self._space_waiters += 1
+        try:
+            await self._space.wait()
+        finally:
+            self._space_waiters -= 1
 
     def _kick_reapers(self) -> None:
         for i, q in enumerate(self.e.queues):
@@ -620,12 +637,15 @@ class TrioBlk:
     async def _submit_group(self, reqs: Sequence[tuple[int, int, int, int]] | Batch) -> int:
         e = self.e
         n = len(reqs)
+        # The cancellation point comes before anything is staged: from here on the
+        # group belongs to the device until it completes, and the caller releases it.
+        await trio.lowlevel.checkpoint_if_cancelled()
         while True:
             if e.broken is not None:
                 raise e.broken
             if e.free_groups and e.staging_room() >= n:
                 break
-            await self._space.wait()
+            await self._wait_space()
         ev = trio.Event()
         g = e.new_group(n, self._mark)
         assert g is not None  # checked above, and nothing awaited since
@@ -635,25 +655,27 @@ class TrioBlk:
         else:
             for i, (t, sector, buf, nbytes) in enumerate(reqs):
                 e.stage(t, sector, buf, nbytes, g, i)
-        if not self._flush_pending:
-            if trio.lowlevel.current_statistics().tasks_runnable:
-                # Other tasks can run now: yield once so they stage their requests
-                # too, then one kernel call publishes them all.
-                self._flush_pending = True
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                self._flush_pending = False
-            e.flush()
-            if not trio.lowlevel.current_statistics().tasks_runnable:
-                # Nothing else to do in this thread: poll for our own completion
-                # here instead of paying two task switches through the reaper.
+        self._active += 1
+        try:
+            if not self._flush_pending:
+                if self._active > 1:
+                    # Other tasks use the ledger: yield once so that those runnable
+                    # now stage their requests too; one kernel call publishes them all.
+                    self._flush_pending = True
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    self._flush_pending = False
+                e.flush()
+                # The flushing task polls for the completions itself (its own and
+                # those of the requests it published for others) instead of paying
+                # two task switches through the reaper; the wait is bounded by poll_us.
                 self._poll_inline(ev)
-            # Whatever is still in flight (ours or other tasks') needs a reaper.
-            self._kick_reapers()
-        if ev.is_set():
-            await trio.lowlevel.checkpoint_if_cancelled()
-        else:
-            with trio.CancelScope(shield=True):
-                await ev.wait()
+                # Whatever is still in flight (ours or other tasks') needs a reaper.
+                self._kick_reapers()
+            if not ev.is_set():
+                with trio.CancelScope(shield=True):
+                    await ev.wait()
+        finally:
+            self._active -= 1
         return g
 
     def _poll_inline(self, ev: trio.Event) -> None:
@@ -677,7 +699,7 @@ class TrioBlk:
                 return gpa
             if self.e.broken is not None:
                 raise self.e.broken
-            await self._space.wait()
+            await self._wait_space()
 
     def _free(self, gpa: int, nbytes: int) -> None:
         self.e.pool.free(gpa, nbytes)
@@ -699,9 +721,6 @@ class TrioBlk:
                 if not q.inflight:
                     await self._work[i].wait()
                 continue
-            if trio.lowlevel.current_statistics().tasks_runnable:
-                # Let runnable tasks go first: they may add to the batch in flight.
-                await trio.lowlevel.checkpoint()
             if K.poll_used(mem, q.q, self.poll_ns):
                 self._reap(q)
                 await trio.lowlevel.checkpoint()
@@ -747,8 +766,10 @@ class TrioBlk:
         win = max(e.max_request, 8 << 20)
         for w0 in range(0, total, win):
             part = e.split(sector + w0 // SECTOR, min(win, total - w0))
-            bufs = [await self._alloc(n) for _, n in part]
+            bufs: list[int] = []
             try:
+                for _, n in part:
+                    bufs.append(await self._alloc(n))
                 g = await self._submit_group(
                     [(S.VIRTIO_BLK_T_IN, s, b, n) for (s, n), b in zip(part, bufs, strict=True)]
                 )
@@ -758,7 +779,7 @@ class TrioBlk:
                     dst[pos : pos + n] = e.pool.view(b, n).data
                     pos += n
             finally:
-                for (_, n), b in zip(part, bufs, strict=True):
+                for (_, n), b in zip(part, bufs, strict=False):
                     self._free(b, n)
         return bytes(out)
 
@@ -772,8 +793,10 @@ class TrioBlk:
         win = max(e.max_request, 8 << 20)
         for w0 in range(0, len(src), win):
             part = e.split(sector + w0 // SECTOR, min(win, len(src) - w0))
-            bufs = [await self._alloc(n) for _, n in part]
+            bufs: list[int] = []
             try:
+                for _, n in part:
+                    bufs.append(await self._alloc(n))
                 pos = w0
                 for (_, n), b in zip(part, bufs, strict=True):
                     e.pool.view(b, n)[:] = src[pos : pos + n]
@@ -783,7 +806,7 @@ class TrioBlk:
                 )
                 e.raise_for(g, S.VIRTIO_BLK_T_OUT, [s for s, _ in part])
             finally:
-                for (_, n), b in zip(part, bufs, strict=True):
+                for (_, n), b in zip(part, bufs, strict=False):
                     self._free(b, n)
 
     async def flush(self) -> None:

@@ -156,7 +156,7 @@ class VirtioBlkDevice:
         offer: int | None = None,
         completion_order: str = "fifo",
         seed: int = 0,
-        spin_us: int = 50,
+        spin_us: int = 200,
         serial: str | bytes | None = None,
         single_pass: bool = False,
     ) -> None:

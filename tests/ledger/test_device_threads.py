@@ -169,8 +169,9 @@ def test_needs_reset_wakes_a_sleeping_driver(mem: GuestMemory) -> None:
         assert select.select([dev.config_interrupt_fd()], [], [], 0)[0]
         assert dev.read32(S.VIRTIO_MMIO_STATUS) & S.VIRTIO_CONFIG_S_NEEDS_RESET
         assert dev.read32(S.VIRTIO_MMIO_INTERRUPT_STATUS) & S.VIRTIO_MMIO_INT_CONFIG
-        (diag,) = dev.diagnostics()
-        assert diag.code == D_HEAD_OUT_OF_RANGE
+        # The worker may be polling and see the head before the kick arrives; the kick
+        # is then refused too (NEEDS_RESET is already set), a second, legitimate record.
+        (diag,) = [d for d in dev.diagnostics() if d.code == D_HEAD_OUT_OF_RANGE]
         assert "head 200" in str(diag)
 
 
