@@ -7,11 +7,7 @@ non-zero 16-byte lines of each interesting block.
 
 from __future__ import annotations
 
-import sys
-
-sys.path.insert(0, "tests/sovfs")  # the bytearray device used by the tests
-from fakedev import FakeBlockDevice
-
+from sovfs.blockdev import ram_block_device
 from sovfs.mkfs_core import MkfsParams, make_filesystem
 
 
@@ -35,7 +31,7 @@ def hexdump(data: bytes, base: int) -> list[str]:
 
 
 def main() -> None:
-    dev = FakeBlockDevice(256 * 1024)
+    dev = ram_block_device(256 * 1024)  # the real driver/device pair over a RAM disk
     sb = make_filesystem(dev, MkfsParams(
         block_size=1024, inode_count=32, label=b"demo", uuid=bytes(range(0x10, 0x20)),
         hash_seed=bytes(range(0xA0, 0xB0)), journal_bytes=32 * 1024, now_ns=1_700_000_000_123_456_789,
@@ -54,8 +50,9 @@ def main() -> None:
           f"at {sb.journal_start}, data from {sb.data_start}, backup superblock at {sb.backup_sb_block}")
     for title, off, ln in regions:
         print(f"\n# {title}")
-        print("\n".join(hexdump(bytes(dev.data[off : off + ln]), off)))
+        print("\n".join(hexdump(dev.pread(off, ln), off)))
         print(f"{off + ln:08x}")
+    dev.close()
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from sovfs import format as F
 from sovfs.errors import SovError
 from sovfs.fs import RENAME_EXCHANGE, RENAME_NOREPLACE, FileSystem
 from tests.sovfs.conftest import fresh
-from tests.sovfs.fakedev import FakeBlockDevice
+from tests.sovfs.ramdev import RamLedgerDevice
 
 R = F.ROOT_INO
 
@@ -20,7 +20,7 @@ def err(e: pytest.ExceptionInfo[SovError]) -> str:
     return errno.errorcode[e.value.errno]
 
 
-def remount(dev: FakeBlockDevice, fs: FileSystem) -> FileSystem:
+def remount(dev: RamLedgerDevice, fs: FileSystem) -> FileSystem:
     fs.close()
     return FileSystem.mount(dev)
 
@@ -76,7 +76,7 @@ def test_notdir_enotempty(fs: FileSystem) -> None:
     assert err(e) == "ENOTDIR"
 
 
-def test_create_write_read_remount(dev_fs: tuple[FakeBlockDevice, FileSystem]) -> None:
+def test_create_write_read_remount(dev_fs: tuple[RamLedgerDevice, FileSystem]) -> None:
     dev, fs = dev_fs
     a = fs.create(R, b"hello", 0o640, uid=5, gid=6)
     data = os.urandom(10000)
@@ -114,7 +114,7 @@ def test_truncate_shrink_zeroes_tail(fs: FileSystem) -> None:
     assert fs.getattr(a).blocks == 0
 
 
-def test_large_file_few_extents_and_batched_io(dev_fs: tuple[FakeBlockDevice, FileSystem]) -> None:
+def test_large_file_few_extents_and_batched_io(dev_fs: tuple[RamLedgerDevice, FileSystem]) -> None:
     dev, fs = dev_fs
     a = fs.create(R, b"big").ino
     data = os.urandom(8 << 20)
@@ -128,7 +128,7 @@ def test_large_file_few_extents_and_batched_io(dev_fs: tuple[FakeBlockDevice, Fi
     assert dev.read_calls == 1
 
 
-def test_fragmented_file_spills_into_extent_tree(dev_fs: tuple[FakeBlockDevice, FileSystem]) -> None:
+def test_fragmented_file_spills_into_extent_tree(dev_fs: tuple[RamLedgerDevice, FileSystem]) -> None:
     dev, fs = dev_fs
     a = fs.create(R, b"frag").ino
     bs = fs.bs
@@ -152,7 +152,7 @@ def test_fragmented_file_spills_into_extent_tree(dev_fs: tuple[FakeBlockDevice, 
     fs.close()
 
 
-def test_symlinks(dev_fs: tuple[FakeBlockDevice, FileSystem]) -> None:
+def test_symlinks(dev_fs: tuple[RamLedgerDevice, FileSystem]) -> None:
     dev, fs = dev_fs
     s = fs.symlink(R, b"short", b"target/x")
     long_t = b"l" * 300
@@ -257,7 +257,7 @@ def test_readdir_cookies_stable(fs: FileSystem) -> None:
     assert len(seen + rest) == len(set(seen + rest))
 
 
-def test_xattrs_inline_then_block(dev_fs: tuple[FakeBlockDevice, FileSystem]) -> None:
+def test_xattrs_inline_then_block(dev_fs: tuple[RamLedgerDevice, FileSystem]) -> None:
     dev, fs = dev_fs
     f = fs.create(R, b"x").ino
     fs.setxattr(f, b"user.a", b"1")
@@ -298,7 +298,7 @@ def test_enospc_leaves_fs_consistent() -> None:
     fs.close()
 
 
-def test_corruption_detected(dev_fs: tuple[FakeBlockDevice, FileSystem]) -> None:
+def test_corruption_detected(dev_fs: tuple[RamLedgerDevice, FileSystem]) -> None:
     dev, fs = dev_fs
     d = fs.mkdir(R, b"d").ino
     fs.create(d, b"x")
@@ -312,7 +312,7 @@ def test_corruption_detected(dev_fs: tuple[FakeBlockDevice, FileSystem]) -> None
     assert err(e) == "EIO"
 
 
-def test_backup_superblock_used(dev_fs: tuple[FakeBlockDevice, FileSystem]) -> None:
+def test_backup_superblock_used(dev_fs: tuple[RamLedgerDevice, FileSystem]) -> None:
     dev, fs = dev_fs
     fs.create(R, b"f")
     fs.close()

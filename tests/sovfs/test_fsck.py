@@ -23,13 +23,13 @@ from sovfs import format as F
 from sovfs.fs import FileSystem
 from sovfs.fsck_core import CannotCheck, Mode, Report, check
 from sovfs.mkfs_core import MkfsParams, make_filesystem
-from tests.sovfs.fakedev import FakeBlockDevice
+from tests.sovfs.ramdev import RamLedgerDevice
 
 R = F.ROOT_INO
 
 
-def clone(img: bytes) -> FakeBlockDevice:
-    dev = FakeBlockDevice(len(img))
+def clone(img: bytes) -> RamLedgerDevice:
+    dev = RamLedgerDevice(len(img))
     dev.data[:] = img
     return dev
 
@@ -38,13 +38,13 @@ def codes(r: Report) -> set[str]:
     return {p.code for p in r.problems if not p.hint}
 
 
-def assert_clean(dev: FakeBlockDevice) -> None:
+def assert_clean(dev: RamLedgerDevice) -> None:
     r = check(dev, Mode.NO)
     assert not r.problems, [str(p) for p in r.problems]
     assert r.exit_code == 0
 
 
-def detect_and_repair(dev: FakeBlockDevice, expect: set[str] | None = None) -> Report:
+def detect_and_repair(dev: RamLedgerDevice, expect: set[str] | None = None) -> Report:
     """-n finds something and writes nothing; -y fixes; then clean."""
     before = bytes(dev.data)
     r = check(dev, Mode.NO)
@@ -69,7 +69,7 @@ def detect_and_repair(dev: FakeBlockDevice, expect: set[str] | None = None) -> R
      (33 << 20, 8192, 500), (256 << 20, 65536, None), (300 << 20, 1024, None), (2 << 20, 1024, 16)],
 )
 def test_mkfs_then_clean(size: int, bs: int, inodes: int | None) -> None:
-    dev = FakeBlockDevice(size)
+    dev = RamLedgerDevice(size)
     make_filesystem(dev, MkfsParams(block_size=bs, inode_count=inodes))
     assert_clean(dev)
     r = check(dev, Mode.NO)
@@ -97,7 +97,7 @@ class Layout:
 
 @pytest.fixture(scope="module")
 def layout() -> Layout:
-    dev = FakeBlockDevice(8 << 20)
+    dev = RamLedgerDevice(8 << 20)
     make_filesystem(dev, MkfsParams(block_size=1024, uuid=bytes(range(16)), hash_seed=bytes(16)))
     with FileSystem.mount(dev) as fs:
         a = fs.mkdir(R, b"a").ino
@@ -131,11 +131,11 @@ def layout() -> Layout:
     return lay
 
 
-def sb_of(dev: FakeBlockDevice) -> F.Superblock:
+def sb_of(dev: RamLedgerDevice) -> F.Superblock:
     return F.Superblock.unpack(dev.data[1024:2048])
 
 
-def block_of(dev: FakeBlockDevice, cls: str, lay: Layout) -> tuple[int, int]:
+def block_of(dev: RamLedgerDevice, cls: str, lay: Layout) -> tuple[int, int]:
     """(byte offset, length) of one metadata structure of class ``cls``."""
     sb = sb_of(dev)
     bs = sb.block_size
@@ -172,23 +172,23 @@ def test_corruption_detected_and_repaired(layout: Layout, cls: str, how: str) ->
 
 
 # ------------------------------------------------------------------------------------------- semantic
-def _slot(dev: FakeBlockDevice, ino: int) -> tuple[int, F.Superblock]:
+def _slot(dev: RamLedgerDevice, ino: int) -> tuple[int, F.Superblock]:
     sb = sb_of(dev)
     per = sb.block_size // 256
     return (sb.inode_table_start + ino // per) * sb.block_size + (ino % per) * 256, sb
 
 
-def get_inode(dev: FakeBlockDevice, ino: int) -> F.Inode:
+def get_inode(dev: RamLedgerDevice, ino: int) -> F.Inode:
     off, sb = _slot(dev, ino)
     return F.Inode.unpack(dev.data[off : off + 256], F.uuid_seed(sb.uuid), ino)
 
 
-def put_inode(dev: FakeBlockDevice, ino: int, inode: F.Inode) -> None:
+def put_inode(dev: RamLedgerDevice, ino: int, inode: F.Inode) -> None:
     off, sb = _slot(dev, ino)
     dev.data[off : off + 256] = inode.pack(F.uuid_seed(sb.uuid), ino)
 
 
-def edit_dir(dev: FakeBlockDevice, d: int, edit: object) -> None:
+def edit_dir(dev: RamLedgerDevice, d: int, edit: object) -> None:
     """Apply ``edit(list[DirEntry]) -> list`` to the leaf holding the entries of a one-leaf directory."""
     sb = sb_of(dev)
     bs = sb.block_size
@@ -202,7 +202,7 @@ def edit_dir(dev: FakeBlockDevice, d: int, edit: object) -> None:
     dev.data[phys * bs : (phys + 1) * bs] = buf
 
 
-def entry(dev: FakeBlockDevice, name: bytes, ino: int, ftype: int = 8) -> F.DirEntry:
+def entry(dev: RamLedgerDevice, name: bytes, ino: int, ftype: int = 8) -> F.DirEntry:
     return F.DirEntry(F.name_hash_base(sb_of(dev).hash_seed, name), ino, ftype, name)
 
 
@@ -380,7 +380,7 @@ def test_journal_not_empty_blocks_repair(layout: Layout) -> None:
 def test_foreign_and_truncated_images() -> None:
     with pytest.raises(CannotCheck, match="no SovFS superblock"):
         check(clone(os.urandom(1 << 20)), Mode.NO)
-    dev = FakeBlockDevice(4 << 20)
+    dev = RamLedgerDevice(4 << 20)
     make_filesystem(dev)
     with pytest.raises(CannotCheck, match="truncated"):
         check(clone(bytes(dev.data[: 2 << 20])), Mode.NO)
@@ -398,7 +398,7 @@ OPS = st.lists(
 @settings(max_examples=40)
 @given(OPS)
 def test_random_operations_then_fsck_clean(ops: list[tuple[str, int, int, int]]) -> None:
-    dev = FakeBlockDevice(4 << 20)
+    dev = RamLedgerDevice(4 << 20)
     make_filesystem(dev, MkfsParams(block_size=1024))
     fs = FileSystem.mount(dev)
     dirs = [R]

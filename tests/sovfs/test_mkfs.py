@@ -16,7 +16,7 @@ from sovfs.blockdev import open_block_device
 from sovfs.errors import SovError
 from sovfs.fs import FileSystem
 from sovfs.mkfs_core import MkfsParams, make_filesystem, probe_signatures
-from tests.sovfs.fakedev import FakeBlockDevice
+from tests.sovfs.ramdev import RamLedgerDevice
 
 
 def self_check(fs: FileSystem) -> None:
@@ -45,7 +45,7 @@ def self_check(fs: FileSystem) -> None:
      (33 << 20, 8192, 500), (256 << 20, 65536, None), (300 << 20, 1024, None)],
 )
 def test_mkfs_sweep(size: int, bs: int, inodes: int | None) -> None:
-    dev = FakeBlockDevice(size)
+    dev = RamLedgerDevice(size)
     sb = make_filesystem(dev, MkfsParams(block_size=bs, inode_count=inodes))
     assert probe_signatures(dev) == ["SovFS"]
     with FileSystem.mount(dev) as fs:
@@ -71,18 +71,18 @@ def test_mkfs_sweep(size: int, bs: int, inodes: int | None) -> None:
 )
 def test_mkfs_bad_input(size: int, params: MkfsParams, match: str) -> None:
     with pytest.raises(SovError, match=match):
-        make_filesystem(FakeBlockDevice(size), params)
+        make_filesystem(RamLedgerDevice(size), params)
 
 
-def run_cli(tmp_path: Path, args: list[str], dev: FakeBlockDevice) -> int:
-    def opener(path: str, read_only: bool = False) -> FakeBlockDevice:
+def run_cli(tmp_path: Path, args: list[str], dev: RamLedgerDevice) -> int:
+    def opener(path: str, read_only: bool = False) -> RamLedgerDevice:
         dev.closed = False
         return dev
     return cli.main([*args, str(tmp_path / "img")], open_device=opener)
 
 
 def test_cli_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    dev = FakeBlockDevice(8 << 20)
+    dev = RamLedgerDevice(8 << 20)
     (tmp_path / "img").write_bytes(b"")
     for args in (["-b", "12x"], ["-s", "lots"], ["--bogus"], ["-N", "1", "-i", "4096"], ["-U", "nope"]):
         assert run_cli(tmp_path, args, dev) == cli.EXIT_USAGE
@@ -92,13 +92,13 @@ def test_cli_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         assert "Traceback" not in e
     assert run_cli(tmp_path, ["-b", "3072"], dev) == cli.EXIT_ERROR
     assert "power of two" in capsys.readouterr().err
-    assert run_cli(tmp_path, ["-q"], FakeBlockDevice(32 << 10)) == cli.EXIT_ERROR
+    assert run_cli(tmp_path, ["-q"], RamLedgerDevice(32 << 10)) == cli.EXIT_ERROR
     assert "too small" in capsys.readouterr().err
 
 
 def test_cli_refuses_signatures(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "img").write_bytes(b"")
-    dev = FakeBlockDevice(8 << 20)
+    dev = RamLedgerDevice(8 << 20)
     dev.data[1080:1082] = b"\x53\xef"
     assert run_cli(tmp_path, [], dev) == cli.EXIT_REFUSED
     assert "ext2/ext3/ext4" in capsys.readouterr().err
@@ -113,7 +113,7 @@ def test_cli_refuses_signatures(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 
 def test_cli_creates_file(tmp_path: Path) -> None:
-    dev = FakeBlockDevice(4 << 20)
+    dev = RamLedgerDevice(4 << 20)
     assert run_cli(tmp_path, ["-q", "-s", "4M"], dev) == 0
     assert (tmp_path / "img").stat().st_size == 4 << 20
 
@@ -190,7 +190,7 @@ def test_mkfs_d_round_trip(tmp_path: Path) -> None:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     shutil.copytree(stdlib / "json", src / "py" / "json", symlinks=True)
     shutil.copytree(stdlib / "email", src / "py" / "email", symlinks=True)
-    dev = FakeBlockDevice(128 << 20)
+    dev = RamLedgerDevice(128 << 20)
     (tmp_path / "img").write_bytes(b"")
     assert run_cli(tmp_path, ["-q", "-d", str(src)], dev) == 0
     with FileSystem.mount(dev) as fs:
@@ -204,7 +204,7 @@ def test_mkfs_d_reports_problems(tmp_path: Path, capsys: pytest.CaptureFixture[s
     src.mkdir()
     (src / "ok").write_bytes(b"1")
     (src / ("n" * 300)[:255]).write_bytes(b"2")
-    dev = FakeBlockDevice(8 << 20)
+    dev = RamLedgerDevice(8 << 20)
     (tmp_path / "img").write_bytes(b"")
     (src / "huge").write_bytes(b"h" * (12 << 20))  # does not fit an 8 MiB image: ENOSPC, reported
     assert run_cli(tmp_path, ["-q", "-d", str(src)], dev) == cli.EXIT_PARTIAL
