@@ -7,27 +7,9 @@ non-zero 16-byte lines of each interesting block.
 
 from __future__ import annotations
 
+from ledger.cli import hexdump
 from sovfs.blockdev import ram_block_device
 from sovfs.mkfs_core import MkfsParams, make_filesystem
-
-
-def hexdump(data: bytes, base: int) -> list[str]:
-    lines = []
-    skipped = False
-    prev = None
-    for off in range(0, len(data), 16):
-        chunk = data[off : off + 16]
-        if chunk == prev:  # like hexdump -C: '*' stands for lines repeating the previous one
-            if not skipped:
-                lines.append("*")
-            skipped = True
-            continue
-        skipped = False
-        prev = chunk
-        hx = " ".join(f"{b:02x}" for b in chunk[:8]) + "  " + " ".join(f"{b:02x}" for b in chunk[8:])
-        asc = "".join(chr(b) if 32 <= b < 127 else "." for b in chunk)
-        lines.append(f"{base + off:08x}  {hx}  |{asc}|")
-    return lines
 
 
 def main() -> None:
@@ -50,8 +32,7 @@ def main() -> None:
           f"at {sb.journal_start}, data from {sb.data_start}, backup superblock at {sb.backup_sb_block}")
     for title, off, ln in regions:
         print(f"\n# {title}")
-        print("\n".join(hexdump(dev.pread(off, ln), off)))
-        print(f"{off + ln:08x}")
+        print(hexdump(dev.pread(off, ln), off))
     dev.close()
 
 

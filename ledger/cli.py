@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import _spec as S
+from . import units
 from ._machine import Ledger
 from .backend import BackendError
 from .errors import DeviceError, DriverError, IOFailure, LedgerError
@@ -38,21 +39,11 @@ class UsageError(Exception):
 
 
 def parse_size(text: str) -> int:
-    """``64M`` -> 67108864.  Accepts K, M, G, T (powers of 1024) and a plain byte count."""
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = 1
-    if t and t[-1] in "KMGT":
-        mult = 1024 ** ("KMGT".index(t[-1]) + 1)
-        t = t[:-1]
+    """``64M`` -> 67108864 (see :func:`ledger.units.parse_size`); bad input is a usage error."""
     try:
-        value = int(t) * mult
-    except ValueError:
-        raise UsageError(
-            f"cannot read size {text!r}: use a number with an optional K, M, G or T suffix"
-        ) from None
-    if value <= 0:
-        raise UsageError(f"size {text!r} must be positive")
-    return value
+        return units.parse_size(text)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def hexdump(data: bytes, base: int = 0) -> str:

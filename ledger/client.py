@@ -288,6 +288,30 @@ class Engine:
         step = self.max_request
         return [(sector + off // SECTOR, min(step, nbytes - off)) for off in range(0, nbytes, step)]
 
+    def segment_payloads(
+        self, rtype: int, feature: int, ranges: Sequence[tuple[int, int]], flags: int
+    ) -> list[tuple[int, bytes]]:
+        """DISCARD / WRITE_ZEROES data: 16-byte segments {le64 sector, le32 sectors, le32 flags}.
+
+        Ranges are cut to the device's max sectors per segment and grouped into
+        requests of at most max segments; returns (first sector, payload) per request.
+        """
+        if not self.driver.has(feature):
+            raise DriverError(f"device did not negotiate VIRTIO_{S.FEATURE_NAMES[feature]}")
+        for sector, n in ranges:
+            self.check_range(sector, n, True)
+        cfg = self.driver.config
+        if rtype == S.VIRTIO_BLK_T_DISCARD:
+            max_sec, max_seg = cfg.max_discard_sectors, cfg.max_discard_seg
+        else:
+            max_sec, max_seg = cfg.max_write_zeroes_sectors, cfg.max_write_zeroes_seg
+        segs = _segments(ranges, flags, max_sec)
+        per_req = max(1, min(max_seg or 1, 4096 // S.VIRTIO_BLK_DISCARD_SEGMENT_SIZE))
+        return [
+            (segs[i][0], b"".join(struct.pack("<QII", s, n, f) for s, n, f in segs[i : i + per_req]))
+            for i in range(0, len(segs), per_req)
+        ]
+
     def raise_for(self, g: int, rtypes: Sequence[int] | int, sectors: Sequence[int]) -> None:
         st, idx, _ = self.release_group(g)
         if st == -1:
@@ -517,26 +541,12 @@ class SyncBlk:
 
     def _ranges_op(self, rtype: int, feature: int, ranges: Sequence[tuple[int, int]], flags: int) -> None:
         e = self.e
-        if not e.driver.has(feature):
-            name = S.FEATURE_NAMES[feature]
-            raise DriverError(f"device did not negotiate VIRTIO_{name}")
-        cfg = e.driver.config
-        for sector, n in ranges:
-            e.check_range(sector, n, True)
-        if rtype == S.VIRTIO_BLK_T_DISCARD:
-            max_sec, max_seg = cfg.max_discard_sectors, cfg.max_discard_seg
-        else:
-            max_sec, max_seg = cfg.max_write_zeroes_sectors, cfg.max_write_zeroes_seg
-        segs = _segments(ranges, flags, max_sec)
-        per_req = max(1, min(max_seg or 1, 4096 // 16))
-        for i in range(0, len(segs), per_req):
-            part = segs[i : i + per_req]
-            raw = b"".join(struct.pack("<QII", s, n, f) for s, n, f in part)
+        for first_sector, raw in e.segment_payloads(rtype, feature, ranges, flags):
             gpa = self._alloc(len(raw))
             try:
                 e.pool.view(gpa, len(raw))[:] = np.frombuffer(raw, dtype=np.uint8)
                 g = self._run([(rtype, 0, gpa, len(raw))])
-                e.raise_for(g, rtype, [part[0][0]])
+                e.raise_for(g, rtype, [first_sector])
             finally:
                 e.pool.free(gpa, len(raw))
 
@@ -820,25 +830,12 @@ class TrioBlk:
         self, rtype: int, feature: int, ranges: Sequence[tuple[int, int]], flags: int
     ) -> None:
         e = self.e
-        if not e.driver.has(feature):
-            raise DriverError(f"device did not negotiate VIRTIO_{S.FEATURE_NAMES[feature]}")
-        for sector, n in ranges:
-            e.check_range(sector, n, True)
-        cfg = e.driver.config
-        if rtype == S.VIRTIO_BLK_T_DISCARD:
-            max_sec, max_seg = cfg.max_discard_sectors, cfg.max_discard_seg
-        else:
-            max_sec, max_seg = cfg.max_write_zeroes_sectors, cfg.max_write_zeroes_seg
-        segs = _segments(ranges, flags, max_sec)
-        per_req = max(1, min(max_seg or 1, 4096 // 16))
-        for i in range(0, len(segs), per_req):
-            part = segs[i : i + per_req]
-            raw = b"".join(struct.pack("<QII", s, n, f) for s, n, f in part)
+        for first_sector, raw in e.segment_payloads(rtype, feature, ranges, flags):
             gpa = await self._alloc(len(raw))
             try:
                 e.pool.view(gpa, len(raw))[:] = np.frombuffer(raw, dtype=np.uint8)
                 g = await self._submit_group([(rtype, 0, gpa, len(raw))])
-                e.raise_for(g, rtype, [part[0][0]])
+                e.raise_for(g, rtype, [first_sector])
             finally:
                 self._free(gpa, len(raw))
 

@@ -17,6 +17,7 @@ import uuid as uuidlib
 from collections.abc import Callable, Sequence
 from typing import TextIO
 
+from ledger import units
 from sovfs.blockdev import BlockDevice, open_block_device
 from sovfs.errors import SovError
 from sovfs.mkfs_core import MkfsParams, make_filesystem, plan_for_device, probe_signatures
@@ -32,15 +33,11 @@ class UsageError(Exception):
 
 
 def parse_size(text: str) -> int:
-    """'64M' -> 67108864. Suffixes K, M, G, T (powers of 1024); plain numbers are bytes."""
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = 1
-    if t and t[-1] in "KMGT":
-        mult = 1024 ** ("KMGT".index(t[-1]) + 1)
-        t = t[:-1]
-    if not t.isdigit():
-        raise UsageError(f"invalid size {text!r} (expected a number with optional K/M/G/T suffix)")
-    return int(t) * mult
+    """'64M' -> 67108864 (:func:`ledger.units.parse_size`); bad input is a usage error."""
+    try:
+        return units.parse_size(text)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 class _Parser(argparse.ArgumentParser):
