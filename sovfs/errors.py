@@ -22,6 +22,7 @@ __all__ = [
     "InvalidArgument",
     "IsDir",
     "NameTooLong",
+    "NeedsCheck",
     "NoData",
     "NoSpace",
     "NotDir",
@@ -118,6 +119,12 @@ class TooManyLinks(SovError):
 
 class CrossDevice(SovError):
     errno = _errno.EXDEV
+
+
+class NeedsCheck(SovError):
+    """The image is not marked clean or has recorded errors: run fsck before mounting (EUCLEAN)."""
+
+    errno = _errno.EUCLEAN
 
 
 class Corrupt(SovError):

@@ -8,9 +8,18 @@ Operations take inode numbers (and names as bytes), run inside ONE transaction e
 call it from trio without ``await`` inside an operation.
 
 Lifetimes: ``unlink``/``rmdir``/``rename`` drop ``nlink``; an inode whose ``nlink`` reaches 0 is freed at
-once unless it is open (``open``/``release`` counts, the FUSE adapter adds lookup counts), in which case
-it is freed at the last ``release``.  (The on-disk orphan list for crashes in between is the journaling
-issue's.)
+once unless it is in use — open handles (``open``/``release``) or kernel lookups (``ref``/``forget``, the
+FUSE adapter's lookup counts) — in which case it becomes an *orphan* and is freed by whichever of
+``release``/``forget`` brings both counts to 0, or by :meth:`FileSystem.close` (the kernel sends no
+forgets at unmount).  (The on-disk orphan list for crashes in between is the journaling issue's.)
+
+Durability: every operation commits its transaction before returning (write-through), so nothing dirty
+stays in this process; :meth:`fsync`/:meth:`sync` add the device FLUSH (and the superblock counters).
+
+Failsafe: :meth:`fail` (called by the FUSE adapter on the first ``Corrupt`` or device error) makes the
+filesystem read-only for the rest of the mount (mutations raise ``ReadOnly``/EROFS), records
+``STATE_ERRORS`` in the superblock once, and :meth:`close` then leaves the image marked not clean so it
+is checked before the next mount.
 
 Layers below: journal (transactions) → cache → alloc → inode (extents, data) → dir.  This module also
 holds the xattr and path helpers, which are thin.
@@ -18,6 +27,7 @@ holds the xattr and path helpers, which are thin.
 
 from __future__ import annotations
 
+import errno
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,12 +43,14 @@ from sovfs.errors import (
     InvalidArgument,
     IsDir,
     NameTooLong,
+    NeedsCheck,
     NoData,
     NoSpace,
     NotDir,
     NotEmpty,
     NotFound,
     NotSupported,
+    PermissionDenied,
     RangeError,
     ReadOnly,
     SovError,
@@ -63,6 +75,7 @@ from sovfs.format import (
     SB_OFFSET,
     SB_SIZE,
     STATE_CLEAN,
+    STATE_ERRORS,
     XATTR_HDR,
     XATTR_OFF,
     XATTR_PREFIXES,
@@ -79,6 +92,8 @@ from sovfs.format import (
 )
 from sovfs.inode import InodeRec, InodeStore
 from sovfs.journal import Journal
+
+S_ISGID = 0o2000
 
 __all__ = ["RENAME_EXCHANGE", "RENAME_NOREPLACE", "Attr", "DirItem", "FileSystem", "StatFs"]
 
@@ -164,13 +179,22 @@ class FileSystem:
         self.inodes = InodeStore(sb, self.cache, self.journal, self.balloc, self.ialloc)
         self.dirs = Directories(self.inodes, sb.hash_seed)
         self._open: dict[int, int] = {}
+        self._lookups: dict[int, int] = {}
         self._orphans: set[int] = set()
+        self.failed: str | None = None  # failsafe reason, once switched
         self.closed = False
 
     # ------------------------------------------------------------------------ mount / unmount
     @classmethod
-    def mount(cls, dev: BlockDevice, *, read_only: bool = False) -> FileSystem:
-        """Read and check the superblock (falling back to the backup), then mount. Raises Corrupt."""
+    def mount(cls, dev: BlockDevice, *, read_only: bool = False, require_clean: bool = False) -> FileSystem:
+        """Read and check the superblock (falling back to the backup), then mount.
+
+        Raises:
+            Corrupt: no valid superblock, or the device is smaller than the filesystem.
+            NotSupported: unknown incompatible features (or ro-compatible ones for a writable mount).
+            NeedsCheck: ``require_clean`` and the image is not marked clean or has ``STATE_ERRORS``.
+        Nothing is written unless every check passed and the mount is writable.
+        """
         raw = dev.pread(SB_OFFSET, SB_SIZE)
         try:
             sb = Superblock.unpack(raw, "primary superblock")
@@ -196,6 +220,9 @@ class FileSystem:
             raise NotSupported(why)
         if sb.block_count * sb.block_size > dev.size:
             raise Corrupt(f"superblock: {sb.block_count} blocks, device holds {dev.size // sb.block_size}")
+        if require_clean and (not sb.state & STATE_CLEAN or sb.state & STATE_ERRORS):
+            why = "has errors" if sb.state & STATE_ERRORS else "was not cleanly unmounted"
+            raise NeedsCheck(f"filesystem {why}; run fsck.sovfs")
         read_only = read_only or dev.read_only
         fs = cls(dev, sb, read_only=read_only)
         if not read_only:
@@ -214,9 +241,37 @@ class FileSystem:
         self.dev.pwrite(SB_OFFSET, sb.pack())
 
     def sync(self) -> None:
+        """Superblock counters to the device, then a device FLUSH: everything committed is durable."""
         if not self.read_only:
             self._write_sb()
         self.dev.flush()
+
+    def fsync(self, ino: int, datasync: bool = False) -> None:
+        """fsync(2)/fdatasync(2) of ``ino``: data and metadata are already written (write-through
+        commits), so this is the device FLUSH that makes them durable. Raises NotFound for a free inode."""
+        self._rec(ino)
+        if datasync or self.read_only:
+            self.dev.flush()
+        else:
+            self.sync()
+
+    def fail(self, reason: str) -> bool:
+        """Switch to failsafe mode: read-only from now on, ``STATE_ERRORS`` in the superblock (once).
+
+        Returns True the first time (the caller logs), False when already failed."""
+        if self.failed is not None:
+            return False
+        self.failed = reason
+        if not self.read_only:
+            self.read_only = True
+            try:
+                self.sb.state |= STATE_ERRORS
+                self.sb.state &= ~STATE_CLEAN
+                self._write_sb()
+                self.dev.flush()
+            except Exception:  # the device itself may be what failed; failsafe must still engage
+                pass
+        return True
 
     def close(self) -> None:
         if self.closed:
@@ -354,6 +409,10 @@ class FileSystem:
             raise TooManyLinks("parent has too many links")
         if self.ialloc.free == 0:
             raise NoSpace("no free inodes")
+        if d.inode.mode & S_ISGID:  # BSD group semantics in set-group-ID directories
+            gid = d.inode.gid
+            if fmt == S_IFDIR:
+                mode |= S_ISGID
         now = time.time_ns()
         with self.journal.op() as tx:
             inode = Inode(
@@ -481,14 +540,17 @@ class FileSystem:
         txn = self.journal.active
         if txn is None:
             raise Corrupt("release outside a transaction")
-        if self._open.get(rec.ino, 0) > 0:
+        if self._in_use(rec.ino):
             self._orphans.add(rec.ino)
             self.inodes.put(txn, rec)
         else:
             self.inodes.free(txn, rec)
 
+    def _in_use(self, ino: int) -> bool:
+        return self._open.get(ino, 0) > 0 or self._lookups.get(ino, 0) > 0
+
     def _free_if_unused(self, ino: int, force: bool = False) -> None:
-        if ino in self._orphans and (force or self._open.get(ino, 0) == 0):
+        if ino in self._orphans and (force or not self._in_use(ino)):
             self._orphans.discard(ino)
             with self.journal.op() as tx:
                 self.inodes.free(tx, self.inodes.get(ino))
@@ -506,6 +568,61 @@ class FileSystem:
                 self._free_if_unused(ino)
         else:
             self._open[ino] = n
+
+    def ref(self, ino: int, n: int = 1) -> None:
+        """Count ``n`` kernel lookups of ``ino`` (every entry a FUSE reply hands out)."""
+        self._lookups[ino] = self._lookups.get(ino, 0) + n
+
+    def forget(self, ino: int, n: int) -> None:
+        """The kernel dropped ``n`` lookups: an unlinked inode nobody uses any more is freed now."""
+        left = self._lookups.get(ino, 0) - n
+        if left > 0:
+            self._lookups[ino] = left
+            return
+        self._lookups.pop(ino, None)
+        if not self.read_only:
+            self._free_if_unused(ino)
+
+    def is_orphan(self, ino: int) -> bool:
+        return ino in self._orphans
+
+    def accessed(self, ino: int, policy: str = "relatime") -> None:
+        """Update atime after a read/readdir per ``policy``: ``noatime`` never; ``relatime`` when atime is
+        not newer than mtime/ctime or older than a day; ``strictatime`` always. No-op when read-only."""
+        if self.read_only or policy == "noatime":
+            return
+        rec = self._rec(ino)
+        i = rec.inode
+        now = time.time_ns()
+        if policy == "relatime" and not (
+            i.atime_ns <= i.mtime_ns or i.atime_ns <= i.ctime_ns or now - i.atime_ns >= 86400 * 10**9
+        ):
+            return
+        with self.journal.op() as tx:
+            i.atime_ns = now
+            self.inodes.put(tx, rec)
+
+    def access(self, ino: int, mask: int, uid: int, gids: set[int] | frozenset[int]) -> None:
+        """access(2) for ``uid``/``gids``: ``mask`` of R_OK=4, W_OK=2, X_OK=1 (F_OK=0: existence).
+
+        Root passes R/W always and X if any x bit is set (or for directories). Raises PermissionDenied
+        (EACCES), ReadOnly for W_OK on a read-only filesystem, NotFound."""
+        rec = self._rec(ino)
+        i = rec.inode
+        if mask & 2 and self.read_only and i.fmt in (S_IFREG, S_IFDIR, S_IFLNK):
+            raise ReadOnly("filesystem is read-only")
+        if uid == 0:
+            if mask & 1 and i.fmt != S_IFDIR and not i.mode & 0o111:
+                raise PermissionDenied("no execute bit", errno=errno.EACCES)
+            return
+        if uid == i.uid:
+            bits = (i.mode >> 6) & 7
+        elif i.gid in gids:
+            bits = (i.mode >> 3) & 7
+        else:
+            bits = i.mode & 7
+        if mask & 7 & ~bits:
+            raise PermissionDenied(f"access {mask:#o} denied on inode {ino}", errno=errno.EACCES)
 
     def _is_ancestor(self, anc: int, ino: int) -> bool:
         """True if directory ``anc`` is ``ino`` or one of its ancestors (walks ``parent`` links)."""

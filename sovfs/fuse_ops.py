@@ -1,0 +1,361 @@
+"""FUSE adapter: pyfuse3 requests → :class:`sovfs.fs.FileSystem` calls.
+
+Theory of operation
+-------------------
+:class:`SovOps` is a thin ``pyfuse3.Operations``: each handler translates arguments, makes ONE call (or a
+short fixed sequence of calls) into the synchronous core, and translates the result into
+``EntryAttributes``/``FileInfo``/``StatvfsData``.  It owns only FUSE-level state:
+
+* file handles (``fh`` → :class:`Handle`: inode and open flags); the core counts opens per inode;
+* lookup counts: every reply that hands the kernel an entry (lookup, create, mkdir, mknod, symlink, link,
+  each readdirplus entry except ``.``/``..``) calls ``fs.ref``; ``forget`` calls ``fs.forget``.  The core
+  frees an unlinked inode only when nlink, lookups and open handles are all 0;
+* errors: this is the ONLY module that builds ``FUSEError``.  A ``SovError`` becomes its errno.  A
+  ``Corrupt`` (checksum or structure) or an unexpected exception (device failure, our bug) is logged once
+  with its traceback/block/inode, switches the core to failsafe (read-only, ``STATE_ERRORS``) and is
+  answered with EIO — an exception other than FUSEError escaping a handler would end ``pyfuse3.main``
+  and kill the mount.
+
+Concurrency: pyfuse3 runs every request as a trio task on one thread.  The core is synchronous and no
+handler awaits between its first and last core call, so each handler is atomic with respect to every other
+request — that is the filesystem's lock (docs/DESIGN.md, "FUSE adapter").  Never add an ``await`` inside
+a handler's core sequence (e.g. between ``fs.create`` and ``fs.ref``, or inside the readdir loop).
+
+Caching: entries and attributes are cached by the kernel for ``entry_timeout``/``attr_timeout`` seconds
+(every change goes through this kernel, so its cache stays coherent); file data stays in the page cache
+across opens (``keep_cache``).  ``writeback_cache`` (mount option) lets the kernel batch writes; fsync
+stays honest because the kernel writes dirty pages back before sending FSYNC.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import logging
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+
+import pyfuse3
+
+from sovfs.errors import Corrupt, Exists, SovError
+from sovfs.format import ROOT_INO
+from sovfs.fs import Attr, FileSystem
+
+__all__ = ["Handle", "SovOps"]
+
+log = logging.getLogger("sovfs.fuse")
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+@dataclass
+class Handle:
+    ino: int
+    flags: int
+
+
+def _guard(func: F) -> F:
+    """Answer every failure with a FUSEError; never let another exception reach pyfuse3."""
+
+    @functools.wraps(func)
+    async def wrapper(self: SovOps, *args: Any) -> Any:
+        try:
+            return await func(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except Corrupt as e:
+            self._failsafe(func.__name__, args, e, trace=False)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except SovError as e:
+            raise pyfuse3.FUSEError(e.errno) from None
+        except Exception as e:
+            self._failsafe(func.__name__, args, e, trace=True)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return cast(F, wrapper)
+
+
+class SovOps(pyfuse3.Operations):
+    """pyfuse3 operations over a mounted :class:`FileSystem`.
+
+    Args:
+        fs: the mounted filesystem (the caller closes it after ``pyfuse3.main`` returns).
+        entry_timeout, attr_timeout: kernel cache lifetimes in seconds.
+        atime: ``relatime`` (default), ``noatime`` or ``strictatime``.
+        writeback_cache: request the kernel's writeback cache (FUSE_CAP_WRITEBACK_CACHE).
+    """
+
+    supports_dot_lookup = True
+
+    def __init__(
+        self, fs: FileSystem, *, entry_timeout: float = 5.0, attr_timeout: float = 5.0,
+        atime: str = "relatime", writeback_cache: bool = False,
+    ) -> None:
+        super().__init__()
+        self.fs = fs
+        self.entry_timeout = entry_timeout
+        self.attr_timeout = attr_timeout
+        self.atime = atime
+        self.enable_writeback_cache = writeback_cache
+        self.handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self._logged: set[str] = set()
+        self.errors = 0  # failures answered with EIO (tests, statistics)
+
+    # ------------------------------------------------------------------------ helpers
+    def _failsafe(self, op: str, args: Sequence[Any], e: BaseException, *, trace: bool) -> None:
+        self.errors += 1
+        shown = ", ".join(repr(a) for a in args if isinstance(a, int | bytes | str))[:200]
+        key = f"{type(e).__name__}: {e}"
+        if key not in self._logged:
+            self._logged.add(key)
+            log.error("%s(%s) failed: %s", op, shown, key, exc_info=e if trace else None)
+        if self.fs.fail(key):
+            log.error("switching to read-only failsafe mode until unmounted and checked (fsck.sovfs)")
+
+    def _entry(self, a: Attr) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = a.ino
+        e.generation = a.generation
+        e.entry_timeout = self.entry_timeout
+        e.attr_timeout = self.attr_timeout
+        e.st_mode = a.mode
+        e.st_nlink = a.nlink
+        e.st_uid = a.uid
+        e.st_gid = a.gid
+        e.st_rdev = a.rdev
+        e.st_size = a.size
+        e.st_blksize = a.blksize
+        e.st_blocks = a.blocks
+        e.st_atime_ns = a.atime_ns
+        e.st_mtime_ns = a.mtime_ns
+        e.st_ctime_ns = a.ctime_ns
+        return e
+
+    def _ref(self, a: Attr) -> pyfuse3.EntryAttributes:
+        self.fs.ref(a.ino)
+        return self._entry(a)
+
+    def _new_fh(self, ino: int, flags: int) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self.fs.open(ino)
+        self.handles[fh] = Handle(ino, flags)
+        return fh
+
+    def _handle(self, fh: int) -> Handle:
+        h = self.handles.get(fh)
+        if h is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return h
+
+    def _file_info(self, fh: int) -> pyfuse3.FileInfo:
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+
+    # ------------------------------------------------------------------------ lookups
+    @_guard
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> Any:
+        return self._ref(self.fs.lookup(parent_inode, name))
+
+    @_guard
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, n in inode_list:
+            if ino != ROOT_INO:
+                self.fs.forget(ino, n)
+
+    @_guard
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> Any:
+        return self._entry(self.fs.getattr(inode))
+
+    @_guard
+    async def setattr(
+        self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> Any:
+        kw: dict[str, int] = {}
+        if fields.update_mode:
+            kw["mode"] = attr.st_mode
+        if fields.update_uid:
+            kw["uid"] = attr.st_uid
+        if fields.update_gid:
+            kw["gid"] = attr.st_gid
+        if fields.update_size:
+            kw["size"] = attr.st_size
+        if fields.update_atime:
+            kw["atime_ns"] = attr.st_atime_ns
+        if fields.update_mtime:
+            kw["mtime_ns"] = attr.st_mtime_ns
+        if fields.update_ctime:
+            kw["ctime_ns"] = attr.st_ctime_ns
+        return self._entry(self.fs.setattr(inode, **kw))
+
+    @_guard
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.fs.readlink(inode)
+
+    @_guard
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        gids = {ctx.gid}
+        if ctx.uid != 0:
+            with contextlib.suppress(OSError, ValueError):
+                gids |= pyfuse3.get_sup_groups(ctx.pid)
+        self.fs.access(inode, mode, ctx.uid, gids)
+        return True
+
+    @_guard
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> Any:
+        s = self.fs.statfs()
+        st = pyfuse3.StatvfsData()
+        st.f_bsize = st.f_frsize = s.block_size
+        st.f_blocks = s.blocks
+        st.f_bfree = st.f_bavail = s.free_blocks
+        st.f_files = s.files
+        st.f_ffree = st.f_favail = s.free_files
+        st.f_namemax = s.name_max
+        return st
+
+    # ------------------------------------------------------------------------ namespace
+    @_guard
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> Any:
+        return self._ref(self.fs.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid))
+
+    @_guard
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> Any:
+        return self._ref(self.fs.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
+
+    @_guard
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> Any:
+        return self._ref(self.fs.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
+
+    @_guard
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> Any:
+        return self._ref(self.fs.link(inode, new_parent_inode, new_name))
+
+    @_guard
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.fs.unlink(parent_inode, name)
+
+    @_guard
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.fs.rmdir(parent_inode, name)
+
+    @_guard
+    async def rename(
+        self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes, flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    # ------------------------------------------------------------------------ directories
+    @_guard
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        self.fs.getattr(inode)
+        return self._new_fh(inode, os.O_RDONLY | os.O_DIRECTORY)
+
+    @_guard
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        ino = self._handle(fh).ino
+        for item in self.fs.readdir(ino, start_id):
+            a = self.fs.getattr(item.ino)
+            if not pyfuse3.readdir_reply(token, item.name, self._entry(a), item.next_cookie):
+                break
+            if item.name not in (b".", b".."):
+                self.fs.ref(item.ino)
+        if start_id == 0:
+            self.fs.accessed(ino, self.atime)
+
+    @_guard
+    async def releasedir(self, fh: int) -> None:
+        h = self.handles.pop(fh, None)
+        if h is not None:
+            self.fs.release(h.ino)
+
+    @_guard
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        self.fs.fsync(self._handle(fh).ino, datasync)
+
+    # ------------------------------------------------------------------------ files
+    @_guard
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> Any:
+        a = self.fs.getattr(inode)
+        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY and a.size:
+            self.fs.setattr(inode, size=0)
+        return self._file_info(self._new_fh(inode, flags))
+
+    @_guard
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> Any:
+        try:
+            a = self.fs.create(parent_inode, name, mode, ctx.uid, ctx.gid)
+        except Exists:
+            if flags & os.O_EXCL:
+                raise
+            a = self.fs.lookup(parent_inode, name)  # lost a race with another creator: open it
+            if a.mode & 0o170000 == 0o040000:
+                raise pyfuse3.FUSEError(errno.EISDIR) from None
+            if flags & os.O_TRUNC and a.size:
+                a = self.fs.setattr(a.ino, size=0)
+        entry = self._ref(a)
+        return self._file_info(self._new_fh(a.ino, flags)), entry
+
+    @_guard
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        ino = self._handle(fh).ino
+        data = self.fs.read(ino, off, size)
+        self.fs.accessed(ino, self.atime)
+        return data
+
+    @_guard
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        h = self._handle(fh)
+        if h.flags & os.O_APPEND and not self.enable_writeback_cache:
+            off = self.fs.getattr(h.ino).size
+        return self.fs.write(h.ino, off, buf)
+
+    @_guard
+    async def flush(self, fh: int) -> None:
+        self._handle(fh)  # write-through core: nothing buffered per handle
+
+    @_guard
+    async def release(self, fh: int) -> None:
+        h = self.handles.pop(fh, None)
+        if h is not None:
+            self.fs.release(h.ino)
+
+    @_guard
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        self.fs.fsync(self._handle(fh).ino, datasync)
+
+    # ------------------------------------------------------------------------ xattrs
+    @_guard
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.fs.getxattr(inode, name)
+
+    @_guard
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.fs.setxattr(inode, name, value)
+
+    @_guard
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return self.fs.listxattr(inode)
+
+    @_guard
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.fs.removexattr(inode, name)
+
+    # ------------------------------------------------------------------------ teardown
+    def release_all(self) -> None:
+        """Drop every handle still open (unmount without RELEASE requests)."""
+        for h in self.handles.values():
+            self.fs.release(h.ino)
+        self.handles.clear()

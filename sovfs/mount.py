@@ -1,0 +1,469 @@
+"""mount.sovfs: mount a SovFS image with FUSE (pyfuse3 + trio); every sector goes through the ledger.
+
+Theory of operation
+-------------------
+``mount.sovfs SPEC DIR [-o opts]`` follows the mount(8) helper convention, so ``mount -t sovfs img /mnt``
+and fstab lines work once the helper is installed as /sbin/mount.sovfs (scripts/setup.sh).
+
+Life of a mount::
+
+    parent: parse options ─ fork ─ wait on a pipe ──────────────────────────── exit 0 / 32 + one line
+    child:  setsid → lock the image (flock, before the ledger opens it) → ledger → FileSystem.mount
+            (superblock, features, clean?) → pyfuse3.init (the kernel mount) → trio.run:
+            nursery[pyfuse3.main, signal watcher, write-back timer, readiness probe]
+            readiness probe: stat(DIR) from a worker thread, answered by our own loop → "OK" to the pipe
+            → stdio to /dev/null.  On umount/fusermount3 -u (session ends), SIGTERM/SIGINT/SIGHUP
+            (pyfuse3.terminate): main returns → pyfuse3.close(unmount) → fs.close() (orphans freed,
+            superblock marked clean, FLUSH) → ledger closed → lock released → exit.
+
+Nothing touches the image before every check passed: a missing image or mountpoint, a foreign file, an
+image that is locked (mounted elsewhere), not clean (needs fsck), or has unknown incompatible features
+(or unknown ro-compatible ones for rw) is refused with one line and exit code 32.  A waiter can use the
+image lock as "the daemon has finished writing": it is released last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["EXIT_FAIL", "EXIT_OK", "EXIT_USAGE", "MountOptions", "main", "parse_args"]
+
+EXIT_OK = 0
+EXIT_USAGE = 1
+EXIT_FAIL = 32
+
+USAGE = """usage: mount.sovfs SPEC DIR [-f] [-r|-w] [-v] [-o OPTION[,OPTION...]]
+
+Mount the SovFS image SPEC (a file) on the directory DIR through FUSE.  Daemonizes once the mount
+works (unless -f).  Unmount with `umount DIR`, `fusermount3 -u DIR`, or SIGTERM/SIGINT to the daemon.
+
+options:
+  -f, -o foreground     stay in the foreground (logs to stderr)
+  -r, -o ro             read-only             -w, -o rw   read-write (default)
+  -v                    verbose (log level INFO)
+  -n, -s                accepted for mount(8) (no mtab / sloppy); ignored
+  -h, --help            this text
+  -o allow_other        let other users access the mount      -o allow_root (libfuse permitting)
+  -o default_permissions  kernel permission checks (default)  -o nodefault_permissions
+  -o nosuid,nodev,noexec,suid,dev,exec   passed to the kernel mount
+  -o relatime (default), noatime, strictatime   atime updates
+  -o writeback_cache    kernel write-back cache (fsync still waits for the data on the image)
+  -o entry_timeout=S,attr_timeout=S   kernel entry/attribute cache lifetimes (default 5)
+  -o commit=S           write back superblock counters and FLUSH every S seconds (default 5, 0=off)
+  -o fsname=NAME        source shown in /proc/mounts (default: the image path)
+  -o debug              FUSE request trace and debug logging (implies -f)
+  -o force              mount even if the image is not marked clean (run fsck.sovfs instead!)
+  -o log=FILE           log to FILE (default: stderr with -f, else syslog)
+  -o pidfile=FILE       write the daemon's pid to FILE once mounted
+  -o max_tasks=N        concurrent FUSE requests (trio tasks, default 99)
+  defaults, auto, noauto, user, users, nouser, nofail, _netdev, async, comment=…, x-…  (fstab) ignored
+
+exit codes: 0 mounted (or, with -f, unmounted cleanly), 1 usage error, 32 mount failure
+"""
+
+_KERNEL_FLAGS = {"nosuid", "suid", "nodev", "dev", "noexec", "exec", "dirsync"}
+_IGNORED = {"defaults", "auto", "noauto", "user", "users", "nouser", "nofail", "_netdev", "async",
+            "owner", "group", "nodiratime", "diratime", "lazytime", "nolazytime", "loop", "sync"}
+
+
+class UsageError(Exception):
+    pass
+
+
+class MountError(Exception):
+    """A refused mount: one line for the user, exit code 32."""
+
+
+@dataclass
+class MountOptions:
+    spec: str = ""
+    mountpoint: str = ""
+    read_only: bool = False
+    foreground: bool = False
+    verbose: bool = False
+    debug: bool = False
+    allow_other: bool = False
+    allow_root: bool = False
+    default_permissions: bool = True
+    writeback_cache: bool = False
+    atime: str = "relatime"
+    entry_timeout: float = 5.0
+    attr_timeout: float = 5.0
+    commit: float = 5.0
+    force: bool = False
+    fsname: str | None = None
+    log: str | None = None
+    pidfile: str | None = None
+    max_tasks: int = 99
+    kernel_flags: list[str] = field(default_factory=list)
+
+    def fuse_options(self) -> set[str]:
+        opts = {f"fsname={self.fsname or self.spec}", "subtype=sovfs", *self.kernel_flags}
+        if self.default_permissions:
+            opts.add("default_permissions")
+        if self.allow_other:
+            opts.add("allow_other")
+        if self.allow_root:
+            opts.add("allow_root")
+        if self.read_only:
+            opts.add("ro")
+        if self.debug:
+            opts.add("debug")
+        return opts
+
+
+def _number(name: str, value: str, kind: type = float) -> Any:
+    try:
+        v = kind(value)
+    except ValueError:
+        raise UsageError(f"option {name}={value!r}: not a number") from None
+    if v < 0:
+        raise UsageError(f"option {name}={value!r}: negative")
+    return v
+
+
+def _apply(o: MountOptions, opt: str) -> None:
+    name, eq, value = opt.partition("=")
+    if not name:
+        return
+    if name in ("ro", "rw"):
+        o.read_only = name == "ro"
+    elif name == "foreground":
+        o.foreground = True
+    elif name == "debug":
+        o.debug = o.foreground = o.verbose = True
+    elif name == "allow_other":
+        o.allow_other = True
+    elif name == "allow_root":
+        o.allow_root = True
+    elif name == "default_permissions":
+        o.default_permissions = True
+    elif name == "nodefault_permissions":
+        o.default_permissions = False
+    elif name == "writeback_cache":
+        o.writeback_cache = True
+    elif name in ("relatime", "noatime", "strictatime"):
+        o.atime = name
+    elif name == "atime":
+        o.atime = "relatime"
+    elif name == "force":
+        o.force = True
+    elif name in ("entry_timeout", "attr_timeout", "commit") and eq:
+        setattr(o, name, _number(name, value))
+    elif name == "max_tasks" and eq:
+        o.max_tasks = max(1, _number(name, value, int))
+    elif name in ("fsname", "log", "pidfile") and eq and value:
+        setattr(o, name, value)
+    elif name in _KERNEL_FLAGS:
+        o.kernel_flags.append(name)
+    elif name in _IGNORED or name.startswith(("x-", "comment")) or name == "subtype":
+        pass
+    else:
+        raise UsageError(f"unknown mount option {opt!r} (see mount.sovfs --help)")
+
+
+def parse_args(argv: Sequence[str]) -> MountOptions:
+    """mount(8) helper convention: ``SPEC DIR [-sfnvrw] [-o opts] [-t type]``, options anywhere."""
+    o = MountOptions()
+    pos: list[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        a = args[i]
+        i += 1
+        if a in ("-h", "--help"):
+            raise SystemExit(print(USAGE, end="") or EXIT_OK)
+        if a in ("-o", "-t", "-N"):
+            if i >= len(args):
+                raise UsageError(f"option {a} needs an argument")
+            val = args[i]
+            i += 1
+            if a == "-o":
+                for opt in val.split(","):
+                    _apply(o, opt.strip())
+            continue
+        if a.startswith("-o") and len(a) > 2:
+            for opt in a[2:].split(","):
+                _apply(o, opt.strip())
+            continue
+        if a.startswith("-") and len(a) > 1 and a != "--":
+            for ch in a[1:]:
+                if ch == "f":
+                    o.foreground = True
+                elif ch == "r":
+                    o.read_only = True
+                elif ch == "w":
+                    o.read_only = False
+                elif ch == "v":
+                    o.verbose = True
+                elif ch == "d":
+                    _apply(o, "debug")
+                elif ch in "ns":
+                    pass
+                else:
+                    raise UsageError(f"unknown flag -{ch}")
+            continue
+        pos.append(a)
+    if len(pos) != 2:
+        raise UsageError("expected SPEC DIR")
+    o.spec, o.mountpoint = os.path.abspath(pos[0]), os.path.abspath(pos[1])
+    return o
+
+
+# --------------------------------------------------------------------------------------------------
+def _setup_logging(o: MountOptions) -> None:
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(logging.DEBUG if o.debug else logging.INFO if o.verbose else logging.WARNING)
+    handler: logging.Handler
+    if o.log:
+        handler = logging.FileHandler(o.log)
+        fmt = "%(asctime)s mount.sovfs[%(process)d] %(levelname)s %(message)s"
+        handler.setFormatter(logging.Formatter(fmt))
+    elif o.foreground:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("mount.sovfs: %(levelname)s %(message)s"))
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler("/dev/log")
+        handler.setFormatter(logging.Formatter("mount.sovfs[%(process)d]: %(levelname)s %(message)s"))
+    else:
+        handler = logging.NullHandler()
+    root.addHandler(handler)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def _lock_image(path: str) -> int:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise MountError(f"{path}: no such image file") from None
+    except OSError as e:
+        raise MountError(f"{path}: {e.strerror}") from None
+    try:
+        if not os.path.isfile(path):
+            raise MountError(f"{path}: not a regular file")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise MountError(f"{path}: image is in use (already mounted or being checked)") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class _Daemon:
+    """One mount's resources, opened in order and closed in reverse."""
+
+    def __init__(self, o: MountOptions, ready_fd: int | None) -> None:
+        self.o = o
+        self.ready_fd = ready_fd
+        self.log = logging.getLogger("sovfs.mount")
+
+    def _tell(self, msg: str) -> None:
+        if self.ready_fd is not None:
+            try:
+                os.write(self.ready_fd, (msg + "\n").encode())
+            finally:
+                os.close(self.ready_fd)
+                self.ready_fd = None
+
+    def run(self) -> int:
+        o = self.o
+        if not os.path.isdir(o.mountpoint):
+            raise MountError(f"mount point {o.mountpoint} does not exist or is not a directory")
+        lock_fd = _lock_image(o.spec)
+        try:
+            return self._with_lock()
+        finally:
+            os.close(lock_fd)  # last: waiters take it as "the image is clean and closed"
+
+    def _with_lock(self) -> int:
+        from sovfs.blockdev import open_block_device
+        from sovfs.errors import Corrupt, NeedsCheck, SovError
+
+        o = self.o
+        try:
+            dev = open_block_device(o.spec, read_only=o.read_only)
+        except (OSError, ValueError) as e:
+            raise MountError(f"{o.spec}: cannot open image: {_first_line(e)}") from None
+        try:
+            from sovfs.fs import FileSystem
+
+            try:
+                fs = FileSystem.mount(dev, read_only=o.read_only, require_clean=not o.force)
+            except NeedsCheck as e:
+                raise MountError(f"{o.spec}: {_first_line(e)}") from None
+            except Corrupt as e:
+                why = _first_line(e)
+                raise MountError(f"{o.spec}: not a SovFS image or superblock damaged ({why})") from None
+            except SovError as e:
+                raise MountError(f"{o.spec}: cannot mount: {_first_line(e)}") from None
+            try:
+                return self._serve(fs)
+            finally:
+                fs.close()
+                self.log.info("%s: closed (%s)", o.spec, "failsafe: NOT clean" if fs.failed else "clean")
+        finally:
+            dev.close()
+
+    def _serve(self, fs: Any) -> int:
+        import pyfuse3
+        import trio
+
+        from sovfs.fuse_ops import SovOps
+
+        o = self.o
+        ops = SovOps(
+            fs, entry_timeout=o.entry_timeout, attr_timeout=o.attr_timeout, atime=o.atime,
+            writeback_cache=o.writeback_cache,
+        )
+        try:
+            pyfuse3.init(ops, o.mountpoint, o.fuse_options())
+        except Exception as e:  # RuntimeError from libfuse (busy mountpoint, bad option, no /dev/fuse)
+            raise MountError(f"cannot mount on {o.mountpoint}: {_first_line(e)}") from None
+        mounted = True
+        try:
+            trio.run(self._loop, ops)
+            mounted = False
+        finally:
+            try:
+                pyfuse3.close(unmount=True)
+            except Exception:  # already unmounted by umount(8)/fusermount3
+                if mounted:
+                    self.log.exception("unmount failed")
+            ops.release_all()
+            if o.pidfile:
+                with contextlib.suppress(OSError):
+                    os.unlink(o.pidfile)
+        return EXIT_OK
+
+    async def _loop(self, ops: Any) -> None:
+        import pyfuse3
+        import trio
+
+        o = self.o
+
+        async def signals() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                async for s in sigs:
+                    self.log.info("signal %d: unmounting", s)
+                    pyfuse3.terminate()
+
+        async def writeback() -> None:
+            seen = -1
+            while True:
+                await trio.sleep(o.commit)
+                if ops.fs.read_only:
+                    continue
+                if ops.fs.journal.commits != seen:
+                    try:
+                        ops.fs.sync()
+                    except Exception as e:
+                        ops._failsafe("writeback", (), e, trace=True)
+                    seen = ops.fs.journal.commits
+
+        async def ready() -> None:
+            try:
+                await trio.to_thread.run_sync(os.stat, o.mountpoint)
+            except OSError as e:
+                self._tell(f"ERR mount on {o.mountpoint} does not answer: {e.strerror}")
+                pyfuse3.terminate()
+                return
+            if o.pidfile:
+                await trio.Path(o.pidfile).write_text(f"{os.getpid()}\n")
+            self.log.info("%s mounted on %s", o.spec, o.mountpoint)
+            if not o.foreground:
+                null = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):
+                    os.dup2(null, fd)
+                os.close(null)
+            self._tell("OK")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(signals)
+            if o.commit > 0:
+                nursery.start_soon(writeback)
+            nursery.start_soon(ready)
+            try:
+                await pyfuse3.main(max_tasks=o.max_tasks)
+            finally:
+                nursery.cancel_scope.cancel()
+
+
+def _child(o: MountOptions, ready_fd: int | None) -> int:
+    _setup_logging(o)
+    d = _Daemon(o, ready_fd)
+    try:
+        return d.run()
+    except MountError as e:
+        if d.ready_fd is not None:
+            d._tell(f"ERR {e}")
+        else:
+            print(f"mount.sovfs: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    except Exception as e:
+        logging.getLogger("sovfs.mount").exception("mount failed")
+        msg = f"internal error: {type(e).__name__}: {_first_line(e)}"
+        if d.ready_fd is not None:
+            d._tell(f"ERR {msg}")
+        else:
+            print(f"mount.sovfs: {msg}", file=sys.stderr)
+        return EXIT_FAIL
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        o = parse_args(sys.argv[1:] if argv is None else argv)
+    except UsageError as e:
+        print(f"mount.sovfs: {e}\n{USAGE.splitlines()[0]}", file=sys.stderr)
+        return EXIT_USAGE
+    if o.foreground:
+        return _child(o, None)
+    r, w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(r)
+        os.setsid()
+        code = EXIT_FAIL
+        try:
+            code = _child(o, w)
+        finally:
+            logging.shutdown()
+            os._exit(code)
+    os.close(w)
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = os.read(r, 4096)
+        if not chunk:
+            break
+        buf += chunk
+    os.close(r)
+    msg = buf.decode(errors="replace").strip()
+    if msg == "OK":
+        return EXIT_OK
+    if msg.startswith("ERR "):
+        print(f"mount.sovfs: {msg[4:]}", file=sys.stderr)
+    else:
+        os.waitpid(pid, 0)
+        print("mount.sovfs: the daemon exited before the mount was ready", file=sys.stderr)
+    return EXIT_FAIL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
