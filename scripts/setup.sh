@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 
-apt_packages=(python3 python3-venv python3-dev gcc pkg-config fuse3 libfuse3-dev fio fuse2fs e2fsprogs)
+apt_packages=(python3 python3-venv python3-dev gcc pkg-config fuse3 libfuse3-dev fio fuse2fs e2fsprogs rsync git)
 missing=()
 for p in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -35,3 +35,13 @@ for tool in ledger mkfs.sovfs fsck.sovfs mount.sovfs; do
         ln -sf "$root/.venv/bin/$tool" "/usr/local/bin/$tool"
     fi
 done
+
+# mount(8) runs /sbin/mount.<type> for `mount -t sovfs IMG DIR` and fstab lines (type "sovfs").
+if [ -x .venv/bin/mount.sovfs ]; then
+    for d in /sbin /usr/sbin; do
+        if [ -d "$d" ] && [ ! -L "$d" ]; then
+            ln -sf "$root/.venv/bin/mount.sovfs" "$d/mount.sovfs"
+            break
+        fi
+    done
+fi

@@ -309,7 +309,7 @@ class _Daemon:
                 raise MountError(f"{o.spec}: {_first_line(e)}") from None
             except Corrupt as e:
                 why = _first_line(e)
-                raise MountError(f"{o.spec}: not a SovFS image or superblock damaged ({why})") from None
+                raise MountError(f"{o.spec}: not a SovFS image, or damaged ({why}): run fsck.sovfs") from None
             except SovError as e:
                 raise MountError(f"{o.spec}: cannot mount: {_first_line(e)}") from None
             try:
