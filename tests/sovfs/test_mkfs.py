@@ -131,7 +131,6 @@ def test_open_block_device_missing_file(tmp_path: Path) -> None:
         open_block_device(str(tmp_path / "x"))
 
 
-@pytest.mark.skip(reason="needs ledger")
 def test_cli_on_real_image_file(tmp_path: Path) -> None:
     assert cli.main(["-q", "-s", "16M", str(tmp_path / "img")]) == 0
 
