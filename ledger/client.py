@@ -28,9 +28,10 @@ Two front ends share the engine:
   batch.  One reaper task per queue harvests completions (polling for
   ``poll_us`` before arming the interrupt and sleeping in
   ``trio.lowlevel.wait_readable``), wakes the groups, and flushes whatever
-  waited for descriptors.  Waiting for a request is shielded from
-  cancellation: once the device owns a buffer the buffer must not be reused
-  before the device gives it back, exactly as a kernel waits for DMA to end.
+  waited for descriptors.  Waiting for a request cannot be cancelled (the
+  cancellation point is before staging): once the device owns a buffer the
+  buffer must not be reused before the device gives it back, exactly as a
+  kernel waits for DMA to end.
 
 The engine is single-threaded: all calls come from one thread.
 """
