@@ -28,9 +28,10 @@ Two front ends share the engine:
   batch.  One reaper task per queue harvests completions (polling for
   ``poll_us`` before arming the interrupt and sleeping in
   ``trio.lowlevel.wait_readable``), wakes the groups, and flushes whatever
-  waited for descriptors.  Waiting for a request is shielded from
-  cancellation: once the device owns a buffer the buffer must not be reused
-  before the device gives it back, exactly as a kernel waits for DMA to end.
+  waited for descriptors.  Waiting for a request cannot be cancelled (the
+  cancellation point is before staging): once the device owns a buffer the
+  buffer must not be reused before the device gives it back, exactly as a
+  kernel waits for DMA to end.
 
 The engine is single-threaded: all calls come from one thread.
 """
@@ -589,6 +590,10 @@ class SyncBlk:
         return gpa
 
 
+def _refuse_abort(_: object) -> trio.lowlevel.Abort:
+    return trio.lowlevel.Abort.FAILED
+
+
 def _slice(b: Batch, start: int, n: int) -> Batch:
     s = slice(start, start + n)
     return Batch(b.rtype[s], b.sector[s], b.buf[s], b.nbytes[s])
@@ -608,7 +613,9 @@ class TrioBlk:
     def __init__(self, engine: Engine, *, poll_us: int = 30) -> None:
         self.e = engine
         self.poll_ns = poll_us * 1000
-        self._events: dict[int, trio.Event] = {}
+        # group -> the task waiting for it (None: nobody waits yet). A group leaves
+        # the dict when it completes, so "g not in _waiters" means "done".
+        self._waiters: dict[int, trio.lowlevel.Task | None] = {}
         self._flush_pending = False
         self._active = 0  # tasks inside _submit_group (staging or waiting)
         self._work = [trio.Event() for _ in engine.queues]
@@ -623,9 +630,10 @@ class TrioBlk:
     # --- plumbing ---------------------------------------------------------------
 
     def _mark(self, g: int) -> None:
-        ev = self._events.pop(g, None)
-        if ev is not None:
-            ev.set()
+        if g in self._waiters:
+            task = self._waiters.pop(g)
+            if task is not None:
+                trio.lowlevel.reschedule(task)
 
     def _wake_space(self) -> None:
         if self._space_waiters:
@@ -656,10 +664,9 @@ class TrioBlk:
             if e.free_groups and e.staging_room() >= n:
                 break
             await self._wait_space()
-        ev = trio.Event()
         g = e.new_group(n, self._mark)
         assert g is not None  # checked above, and nothing awaited since
-        self._events[g] = ev
+        self._waiters[g] = None
         if isinstance(reqs, Batch):
             e.stage_batch(reqs, g)
         else:
@@ -678,20 +685,22 @@ class TrioBlk:
                 # The flushing task polls for the completions itself (its own and
                 # those of the requests it published for others) instead of paying
                 # two task switches through the reaper; the wait is bounded by poll_us.
-                self._poll_inline(ev)
+                self._poll_inline(g)
                 # Whatever is still in flight (ours or other tasks') needs a reaper.
                 self._kick_reapers()
-            if not ev.is_set():
-                with trio.CancelScope(shield=True):
-                    await ev.wait()
+            if g in self._waiters:
+                # Uninterruptible, like a kernel waiting out DMA: the device owns the
+                # buffers until the group completes (cheaper than a shielded scope).
+                self._waiters[g] = trio.lowlevel.current_task()
+                await trio.lowlevel.wait_task_rescheduled(_refuse_abort)
         finally:
             self._active -= 1
         return g
 
-    def _poll_inline(self, ev: trio.Event) -> None:
+    def _poll_inline(self, g: int) -> None:
         e = self.e
         deadline = time.monotonic_ns() + self.poll_ns
-        while not ev.is_set():
+        while g in self._waiters:
             busy = [q for q in e.queues if q.inflight]
             if not busy:
                 return

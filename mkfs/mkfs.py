@@ -11,6 +11,7 @@ the image holds a recognisable filesystem or partition table and -F was not give
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import uuid as uuidlib
@@ -71,7 +72,11 @@ def _params(a: argparse.Namespace) -> MkfsParams:
     except ValueError as e:
         raise UsageError(str(e)) from None
     return MkfsParams(
-        block_size=bs, inode_count=inodes, bytes_per_inode=bpi, label=a.label.encode(), uuid=uid,
+        block_size=bs,
+        inode_count=inodes,
+        bytes_per_inode=bpi,
+        label=a.label.encode(),
+        uuid=uid,
         journal_bytes=parse_size(a.journal) if a.journal else None,
     )
 
@@ -88,23 +93,32 @@ def main(
     except UsageError as e:
         print(f"mkfs.sovfs: {e}", file=err)
         return EXIT_USAGE
+    existed = os.path.exists(a.image)
     try:
         if a.size is not None:
-            size = parse_size(a.size)
+            size = parse_size(a.size) // 512 * 512
+            if existed and not a.force and os.path.getsize(a.image) not in (0, size):
+                # Resizing comes after the signature check: look at what is there first.
+                refused = _refuse_existing(a.image, open_device, err)
+                if refused is not None:
+                    return refused
             with open(a.image, "ab") as f:
-                f.truncate(size // 512 * 512)
-        elif not os.path.exists(a.image):
+                f.truncate(size)
+        elif not existed:
             print(f"mkfs.sovfs: {a.image}: no such file (give -s SIZE to create it)", file=err)
             return EXIT_ERROR
         dev = open_device(a.image)
     except UsageError as e:
         print(f"mkfs.sovfs: {e}", file=err)
         return EXIT_USAGE
-    except (OSError, NotImplementedError) as e:
+    except (OSError, ValueError, NotImplementedError) as e:
         print(f"mkfs.sovfs: {a.image}: cannot open: {e}", file=err)
+        _remove_if_created(a.image, existed)
         return EXIT_ERROR
+    rc = EXIT_ERROR
     try:
-        return _format(a, params, dev, out, err)
+        rc = _format(a, params, dev, out, err)
+        return rc
     except SovError as e:
         print(f"mkfs.sovfs: {e}", file=err)
         return EXIT_ERROR
@@ -113,6 +127,33 @@ def main(
         return EXIT_ERROR
     finally:
         dev.close()
+        if rc not in (EXIT_OK, EXIT_PARTIAL):
+            _remove_if_created(a.image, existed)
+
+
+def _refuse_existing(image: str, open_device: Callable[..., BlockDevice], err: TextIO) -> int | None:
+    """Before ``-s`` resizes an existing file: refuse if it holds a filesystem (or cannot be read)."""
+    try:
+        dev = open_device(image, read_only=True)
+    except (OSError, ValueError):
+        print(f"mkfs.sovfs: {image} exists and cannot be checked for a filesystem; use -F to overwrite",
+              file=err)  # fmt: skip
+        return EXIT_REFUSED
+    try:
+        found = probe_signatures(dev)
+    finally:
+        dev.close()
+    if found:
+        print(f"mkfs.sovfs: {image} contains {', '.join(found)}; use -F to overwrite", file=err)
+        return EXIT_REFUSED
+    return None
+
+
+def _remove_if_created(image: str, existed: bool) -> None:
+    """A failed mkfs leaves no new file behind (an existing one is left as it is)."""
+    if not existed:
+        with contextlib.suppress(OSError):
+            os.unlink(image)
 
 
 def _format(a: argparse.Namespace, params: MkfsParams, dev: BlockDevice, out: TextIO, err: TextIO) -> int:
@@ -130,9 +171,16 @@ def _format(a: argparse.Namespace, params: MkfsParams, dev: BlockDevice, out: Te
         from sovfs.fs import FileSystem
         from sovfs.populate import copy_tree
 
-        with FileSystem.mount(dev) as fs, tqdm(
-            unit="B", unit_scale=True, desc="copying", disable=a.quiet, file=err,
-        ) as bar:
+        with (
+            FileSystem.mount(dev) as fs,
+            tqdm(
+                unit="B",
+                unit_scale=True,
+                desc="copying",
+                disable=a.quiet,
+                file=err,
+            ) as bar,
+        ):
             problems = copy_tree(fs, a.root_dir, bar.update)
     if not a.quiet:
         print(

@@ -41,8 +41,15 @@ def self_check(fs: FileSystem) -> None:
 
 @pytest.mark.parametrize(
     ("size", "bs", "inodes"),
-    [(1 << 20, 1024, None), (4 << 20, 2048, 64), (16 << 20, 4096, None), (64 << 20, 4096, 100000),
-     (33 << 20, 8192, 500), (256 << 20, 65536, None), (300 << 20, 1024, None)],
+    [
+        (1 << 20, 1024, None),
+        (4 << 20, 2048, 64),
+        (16 << 20, 4096, None),
+        (64 << 20, 4096, 100000),
+        (33 << 20, 8192, 500),
+        (256 << 20, 65536, None),
+        (300 << 20, 1024, None),
+    ],
 )
 def test_mkfs_sweep(size: int, bs: int, inodes: int | None) -> None:
     dev = RamLedgerDevice(size)
@@ -78,6 +85,7 @@ def run_cli(tmp_path: Path, args: list[str], dev: RamLedgerDevice) -> int:
     def opener(path: str, read_only: bool = False) -> RamLedgerDevice:
         dev.closed = False
         return dev
+
     return cli.main([*args, str(tmp_path / "img")], open_device=opener)
 
 
@@ -123,7 +131,6 @@ def test_open_block_device_missing_file(tmp_path: Path) -> None:
         open_block_device(str(tmp_path / "x"))
 
 
-@pytest.mark.skip(reason="needs ledger")
 def test_cli_on_real_image_file(tmp_path: Path) -> None:
     assert cli.main(["-q", "-s", "16M", str(tmp_path / "img")]) == 0
 
@@ -213,3 +220,23 @@ def test_mkfs_d_reports_problems(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "huge" in e
     with FileSystem.mount(dev) as fs:
         assert fs.read(fs.lookup_path("/ok").ino, 0, 1) == b"1"
+
+
+def test_cli_size_option_never_shrinks_a_filesystem_it_refuses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`-s` on an existing image with a signature: refused before the file is resized."""
+    img = tmp_path / "ext4.img"
+    data = bytearray(os.urandom(4 << 20))
+    data[1080:1082] = b"\x53\xef"  # the ext2/3/4 magic
+    img.write_bytes(bytes(data))
+    assert cli.main(["-s", "1M", str(img)]) == cli.EXIT_REFUSED
+    assert "use -F" in capsys.readouterr().err
+    assert img.read_bytes() == bytes(data)  # same size, same bytes
+
+
+def test_cli_failure_leaves_no_new_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    img = tmp_path / "tiny.img"
+    assert cli.main(["-s", "1K", str(img)]) == cli.EXIT_ERROR
+    assert "too small" in capsys.readouterr().err
+    assert not img.exists()
