@@ -94,7 +94,7 @@ def test_second_mount_refused_and_sigterm_unmounts(image: Path, mnt_factory: obj
     (m.mnt / "kept").write_bytes(b"data")
     r = m2.mount(expect_ok=False)
     assert r.returncode == EXIT_FAIL and "in use" in r.stderr
-    code, err = _mount_cmd(image, m.mnt)  # busy mountpoint of the same image: refused by the lock too
+    code, _ = _mount_cmd(image, m.mnt)  # busy mountpoint of the same image: refused by the lock too
     assert code == EXIT_FAIL
     pid = m.pid
     assert pid is not None

@@ -1,0 +1,119 @@
+"""SovOps called directly (no kernel): errno mapping, lookup counts, handles, failsafe on surprises."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Iterator
+
+import pytest
+
+pyfuse3 = pytest.importorskip("pyfuse3")
+
+from sovfs.errors import Corrupt  # noqa: E402
+from sovfs.format import ROOT_INO  # noqa: E402
+from sovfs.fs import FileSystem  # noqa: E402
+from sovfs.fuse_ops import SovOps  # noqa: E402
+from tests.sovfs.conftest import fresh  # noqa: E402
+from tests.sovfs.ramdev import LIVE  # noqa: E402
+
+R = ROOT_INO
+
+
+class Ctx:
+    uid = 0
+    gid = 0
+    pid = os.getpid()
+    umask = 0o022
+
+
+@pytest.fixture
+def ops() -> Iterator[SovOps]:
+    _, fs = fresh(16 << 20)
+    yield SovOps(fs)
+    fs.close()
+    while LIVE:
+        LIVE.pop().shutdown()
+
+
+async def fuse_errno(coro: object) -> int:
+    with pytest.raises(pyfuse3.FUSEError) as ei:
+        await coro  # type: ignore[misc]
+    return int(ei.value.errno)
+
+
+async def test_errno_mapping(ops: SovOps) -> None:
+    assert await fuse_errno(ops.lookup(R, b"nope", Ctx())) == errno.ENOENT
+    await ops.mkdir(R, b"d", 0o755, Ctx())
+    assert await fuse_errno(ops.mkdir(R, b"d", 0o755, Ctx())) == errno.EEXIST
+    assert await fuse_errno(ops.lookup(R, b"x" * 256, Ctx())) == errno.ENAMETOOLONG
+    assert await fuse_errno(ops.getxattr(R, b"user.none", Ctx())) == errno.ENODATA
+    assert await fuse_errno(ops.setxattr(R, b"system.posix_acl_access", b"", Ctx())) == errno.EOPNOTSUPP
+    assert await fuse_errno(ops.read(12345, 0, 10)) == errno.EBADF
+
+
+async def test_create_open_trunc_append_and_counts(ops: SovOps) -> None:
+    fi, entry = await ops.create(R, b"f", 0o644, os.O_WRONLY | os.O_CREAT, Ctx())
+    ino = entry.st_ino
+    assert ops.fs._lookups[ino] == 1 and fi.keep_cache
+    assert await ops.write(fi.fh, 0, b"hello") == 5
+    await ops.release(fi.fh)
+    fi2, e2 = await ops.create(R, b"f", 0o644, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, Ctx())
+    assert e2.st_ino == ino and e2.st_size == 0  # lost race: opened and truncated
+    assert await fuse_errno(ops.create(R, b"f", 0o644, os.O_CREAT | os.O_EXCL, Ctx())) == errno.EEXIST
+    await ops.write(fi2.fh, 0, b"abc")
+    await ops.release(fi2.fh)
+    fi3 = await ops.open(ino, os.O_WRONLY | os.O_APPEND, Ctx())
+    await ops.write(fi3.fh, 0, b"def")  # O_APPEND: at EOF whatever the offset
+    await ops.fsync(fi3.fh, False)
+    await ops.release(fi3.fh)
+    fi4 = await ops.open(ino, os.O_RDONLY, Ctx())
+    assert await ops.read(fi4.fh, 0, 100) == b"abcdef"
+    await ops.unlink(R, b"f", Ctx())
+    assert ops.fs.is_orphan(ino)
+    await ops.release(fi4.fh)
+    assert ops.fs.is_orphan(ino)  # the kernel still knows it
+    await ops.forget([(ino, 2)])
+    assert not ops.fs.is_orphan(ino)
+
+
+async def test_corruption_is_eio_logged_once_and_failsafe(
+    ops: SovOps, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def bad(*a: object) -> None:
+        raise Corrupt("block 99: checksum mismatch (inode 7)")
+
+    monkeypatch.setattr(ops.fs, "getattr", bad)
+    with caplog.at_level(logging.ERROR):
+        for _ in range(3):
+            assert await fuse_errno(ops.getattr(7, Ctx())) == errno.EIO
+    assert sum("block 99" in r.getMessage() for r in caplog.records) == 1
+    assert ops.fs.failed and ops.errors == 3
+    assert await fuse_errno(ops.mkdir(R, b"d", 0o755, Ctx())) == errno.EROFS
+
+
+async def test_unexpected_exception_is_eio_with_traceback(
+    ops: SovOps, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def boom(*a: object) -> None:
+        raise ZeroDivisionError("bug")
+
+    monkeypatch.setattr(FileSystem, "statfs", boom)
+    with caplog.at_level(logging.ERROR):
+        assert await fuse_errno(ops.statfs(Ctx())) == errno.EIO
+    assert any(r.exc_info for r in caplog.records)
+    assert ops.fs.read_only
+
+
+async def test_setattr_fields(ops: SovOps) -> None:
+    _, e = await ops.create(R, b"f", 0o644, os.O_WRONLY, Ctx())
+    attr = pyfuse3.EntryAttributes()
+    attr.st_size = 4096
+    attr.st_mode = 0o100600
+    attr.st_mtime_ns = 123
+    fields = pyfuse3.SetattrFields()  # read-only flags, all False: only ctime changes
+    a = await ops.setattr(e.st_ino, attr, fields, None, Ctx())  # no fields: only ctime
+    assert a.st_size == 0
+    st = await ops.statfs(Ctx())
+    assert st.f_bsize == st.f_frsize and st.f_bfree <= st.f_blocks

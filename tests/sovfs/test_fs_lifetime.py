@@ -1,0 +1,114 @@
+"""FileSystem additions for the FUSE mount: lookup-count lifetime, fsync, failsafe, clean check, access,
+atime policy, set-group-ID directories."""
+
+from __future__ import annotations
+
+import pytest
+
+from sovfs.errors import NeedsCheck, NotFound, PermissionDenied, ReadOnly
+from sovfs.format import ROOT_INO, STATE_CLEAN, STATE_ERRORS, Superblock
+from sovfs.fs import FileSystem
+from tests.sovfs.conftest import fresh
+from tests.sovfs.ramdev import RamLedgerDevice
+
+R = ROOT_INO
+
+
+def test_unlinked_inode_lives_until_lookups_and_handles_are_gone(fs: FileSystem) -> None:
+    a = fs.create(R, b"f")
+    fs.write(a.ino, 0, b"x" * 10000)
+    fs.ref(a.ino, 2)
+    fs.open(a.ino)
+    free0 = fs.balloc.free
+    fs.unlink(R, b"f")
+    assert fs.is_orphan(a.ino) and fs.balloc.free == free0
+    fs.write(a.ino, 10000, b"y")  # open-but-unlinked stays writable
+    assert fs.read(a.ino, 9999, 2) == b"xy"
+    fs.release(a.ino)
+    assert fs.is_orphan(a.ino)
+    fs.forget(a.ino, 1)
+    assert fs.getattr(a.ino).nlink == 0
+    fs.forget(a.ino, 1)
+    assert not fs.is_orphan(a.ino) and fs.balloc.free > free0
+    with pytest.raises(NotFound):
+        fs.getattr(a.ino)
+
+
+def test_rename_over_looked_up_and_close_frees_orphans(dev_fs: tuple[RamLedgerDevice, FileSystem]) -> None:
+    dev, fs = dev_fs
+    a, b = fs.create(R, b"a"), fs.create(R, b"b")
+    fs.ref(b.ino)
+    fs.rename(R, b"a", R, b"b")
+    assert fs.is_orphan(b.ino) and fs.getattr(b.ino).nlink == 0
+    fs.close()
+    with FileSystem.mount(dev, require_clean=True) as fs2:
+        with pytest.raises(NotFound):
+            fs2.getattr(b.ino)
+        assert fs2.lookup(R, b"b").ino == a.ino
+
+
+def test_fsync_flushes(dev_fs: tuple[RamLedgerDevice, FileSystem]) -> None:
+    dev, fs = dev_fs
+    a = fs.create(R, b"f")
+    dev.reset_counters()
+    fs.fsync(a.ino)
+    fs.fsync(a.ino, datasync=True)
+    assert dev.flushes == 2
+
+
+def test_failsafe_makes_read_only_and_marks_errors(dev_fs: tuple[RamLedgerDevice, FileSystem]) -> None:
+    dev, fs = dev_fs
+    fs.create(R, b"f")
+    assert fs.fail("block 7 bad") is True
+    assert fs.fail("again") is False
+    with pytest.raises(ReadOnly):
+        fs.mkdir(R, b"d")
+    assert fs.lookup(R, b"f")
+    fs.close()
+    sb = Superblock.unpack(dev.data[1024:2048])
+    assert sb.state & STATE_ERRORS and not sb.state & STATE_CLEAN
+    with pytest.raises(NeedsCheck):
+        FileSystem.mount(dev, require_clean=True)
+
+
+def test_require_clean_refuses_dirty_and_writes_nothing() -> None:
+    dev, fs = fresh(8 << 20)
+    before = bytes(dev.data)  # mounted rw: not clean
+    with pytest.raises(NeedsCheck):
+        FileSystem.mount(dev, require_clean=True)
+    assert bytes(dev.data) == before
+    fs.close()
+    FileSystem.mount(dev, require_clean=True).close()
+
+
+def test_access(fs: FileSystem) -> None:
+    a = fs.create(R, b"f", 0o640, uid=10, gid=20)
+    fs.access(a.ino, 6, 10, {99})
+    fs.access(a.ino, 4, 11, {20})
+    with pytest.raises(PermissionDenied):
+        fs.access(a.ino, 2, 11, {20})
+    with pytest.raises(PermissionDenied):
+        fs.access(a.ino, 4, 11, {21})
+    fs.access(a.ino, 6, 0, set())
+    with pytest.raises(PermissionDenied):
+        fs.access(a.ino, 1, 0, set())  # root needs some x bit
+    fs.access(a.ino, 0, 12, set())
+
+
+def test_atime_policies(fs: FileSystem) -> None:
+    a = fs.create(R, b"f")
+    fs.setattr(a.ino, atime_ns=10**18, mtime_ns=10**17)  # atime newer than mtime
+    fs.accessed(a.ino, "relatime")
+    assert fs.getattr(a.ino).atime_ns == 10**18 or fs.getattr(a.ino).atime_ns > 10**18
+    fs.setattr(a.ino, atime_ns=5, mtime_ns=10)
+    fs.accessed(a.ino, "noatime")
+    assert fs.getattr(a.ino).atime_ns == 5
+    fs.accessed(a.ino, "relatime")
+    assert fs.getattr(a.ino).atime_ns > 10
+
+
+def test_setgid_directory(fs: FileSystem) -> None:
+    d = fs.mkdir(R, b"d", 0o2775, uid=0, gid=50)
+    f = fs.create(d.ino, b"f", 0o644, uid=1, gid=2)
+    sub = fs.mkdir(d.ino, b"s", 0o755, uid=1, gid=2)
+    assert f.gid == 50 and sub.gid == 50 and sub.mode & 0o2000
