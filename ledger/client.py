@@ -72,6 +72,7 @@ class BufferPool:
         self.end = self.base + arena_bytes
         self._next = self.base
         self._free: dict[int, list[int]] = {}
+        self._class_of: dict[int, int] = {}  # request size -> size class, for the hot path
         self.mem = driver.memory
 
     @staticmethod
@@ -79,7 +80,7 @@ class BufferPool:
         return max(_MIN_CLASS, 1 << (max(nbytes, 1) - 1).bit_length())
 
     def alloc(self, nbytes: int) -> int | None:
-        cls = self.size_class(nbytes)
+        cls = self._class_of.get(nbytes) or self._remember_class(nbytes)
         if cls > self.max_buffer:
             raise DriverError(f"buffer of {nbytes} bytes is larger than the pool's {self.max_buffer}")
         lst = self._free.get(cls)
@@ -92,7 +93,14 @@ class BufferPool:
         return gpa
 
     def free(self, gpa: int, nbytes: int) -> None:
-        self._free.setdefault(self.size_class(nbytes), []).append(gpa)
+        cls = self._class_of.get(nbytes) or self._remember_class(nbytes)
+        self._free.setdefault(cls, []).append(gpa)
+
+    def _remember_class(self, nbytes: int) -> int:
+        cls = self.size_class(nbytes)
+        if len(self._class_of) < 4096:
+            self._class_of[nbytes] = cls
+        return cls
 
     def view(self, gpa: int, nbytes: int) -> npt.NDArray[np.uint8]:
         off = gpa - self.mem.base
@@ -771,12 +779,11 @@ class TrioBlk:
         e = self.e
         e.check_range(sector, nsectors, False)
         total = nsectors * SECTOR
-        pieces = e.split(sector, total)
-        if len(pieces) == 1:
+        if total <= e.max_request:  # the common case: one request, no splitting
             gpa = await self._alloc(total)
             try:
-                g = await self._submit_group([(S.VIRTIO_BLK_T_IN, sector, gpa, total)])
-                e.raise_for(g, S.VIRTIO_BLK_T_IN, [sector])
+                g = await self._submit_group(((S.VIRTIO_BLK_T_IN, sector, gpa, total),))
+                e.raise_for(g, S.VIRTIO_BLK_T_IN, (sector,))
                 return e.pool.view(gpa, total).tobytes()
             finally:
                 self._free(gpa, total)
@@ -809,6 +816,16 @@ class TrioBlk:
         if len(src) % SECTOR:
             raise DriverError(f"write of {len(src)} bytes is not a whole number of 512-byte sectors")
         e.check_range(sector, len(src) // SECTOR, True)
+        total = len(src)
+        if total <= e.max_request:  # the common case: one request, no splitting
+            gpa = await self._alloc(total)
+            try:
+                e.pool.view(gpa, total)[:] = src
+                g = await self._submit_group(((S.VIRTIO_BLK_T_OUT, sector, gpa, total),))
+                e.raise_for(g, S.VIRTIO_BLK_T_OUT, (sector,))
+                return
+            finally:
+                self._free(gpa, total)
         win = max(e.max_request, 8 << 20)
         for w0 in range(0, len(src), win):
             part = e.split(sector + w0 // SECTOR, min(win, len(src) - w0))
