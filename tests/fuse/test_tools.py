@@ -130,3 +130,30 @@ def test_kill_daemon_mid_workload(image: Path, mnt_factory: object) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     m.mount()  # mountable again after the check
     m.unmount()
+
+
+def test_writeback_cache_mount(image: Path, mnt_factory: object, tmp_path: Path) -> None:
+    m: Mount = mnt_factory(image)  # type: ignore[operator]
+    m.mount("writeback_cache")
+    try:
+        sh(f"cp -a {ROOT / 'sovfs'} {m.mnt}/src && diff -r {ROOT / 'sovfs'} {m.mnt}/src", tmp_path)
+        with open(m.mnt / "f", "ab") as f:
+            f.write(b"abc")
+        with open(m.mnt / "f", "ab") as f:
+            f.write(b"def")
+            os.fsync(f.fileno())
+        fd = os.open(m.mnt / "g", os.O_CREAT | os.O_RDWR)
+        os.write(fd, b"x" * 10000)
+        os.unlink(m.mnt / "g")
+        os.ftruncate(fd, 5)
+        os.fchmod(fd, 0o600)
+        assert os.fstat(fd).st_size == 5
+        os.close(fd)
+        before = manifest(m.mnt)
+        m.unmount()
+        assert fsck(image, "-n", "-f").returncode == 0
+        m.mount()
+        assert (m.mnt / "f").read_bytes() == b"abcdef" and manifest(m.mnt) == before
+        m.unmount()
+    finally:
+        m.cleanup()
