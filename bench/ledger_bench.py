@@ -43,6 +43,7 @@ from ledger import _spec as S
 from ledger._machine import Ledger
 from ledger.backend import FileBackend, RamBackend
 from ledger.client import Batch
+from ledger.units import parse_size
 
 BS = 4096
 SEQ = 1 << 20
@@ -211,11 +212,15 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="short runs (< 30 s in all)")
     ap.add_argument("--dir", default=None, help="where to put the image (default: a temp dir on /var/tmp)")
     ap.add_argument("--size", default="256M", help="image size (default 256M)")
+    ap.add_argument("--doc", default=None, help="write the figures into this markdown file's ledger section")
     ap.add_argument(
         "--reps", type=int, default=None, help="repetitions per cell, median kept (default 3; 1 with --quick)"
     )
     args = ap.parse_args()
-    size = int(args.size.rstrip("MmBb")) << 20
+    try:
+        size = parse_size(args.size)
+    except ValueError as e:
+        ap.error(str(e))
     secs = 0.25 if args.quick else 1.0
     reps = args.reps or (1 if args.quick else 3)
 
