@@ -56,6 +56,8 @@ from .driver import DriverQueue, VirtioBlkDriver
 from .errors import DeviceError, DriverError, IOFailure
 
 SECTOR = S.VIRTIO_BLK_SECTOR_SIZE
+#: Batches of at least this many requests per queue are spread over all queues.
+SPREAD_MIN = 8
 _MIN_CLASS = 4096
 
 
@@ -229,7 +231,10 @@ class Engine:
         """Publish staged requests, spreading them over the queues; return how many went."""
         total = 0
         nq = len(self.queues)
-        for _ in range(nq):
+        # A large batch is dealt out in equal shares, so every queue's worker
+        # thread moves data in parallel; a small one goes to one queue whole.
+        share = self.staged if self.staged < SPREAD_MIN * nq else -(-self.staged // nq)
+        for _ in range(2 * nq):
             if self.st_head == self.st_count:
                 break
             q = self.queues[self._rr]
@@ -238,7 +243,7 @@ class Engine:
             done = K.submit_requests(
                 self.mem, q.q, qs.free_next, qs.chain_next, qs.head_ndesc, qs.head_group, qs.head_gidx,
                 self.st_rtype, self.st_sector, self.st_buf, self.st_nbytes, self.st_group, self.st_gidx,
-                self.st_head, self.st_count - self.st_head, q.notify_fd, qs.kick_buf,
+                self.st_head, min(share, self.st_count - self.st_head), q.notify_fd, qs.kick_buf,
             )  # fmt: skip
             self.st_head += done
             total += done
