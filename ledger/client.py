@@ -850,6 +850,40 @@ class TrioBlk:
                 for (_, n), b in zip(part, bufs, strict=False):
                     self._free(b, n)
 
+    async def readv(self, requests: Sequence[tuple[int, int]]) -> list[bytes]:
+        """Read many (sector, nsectors) ranges with all their requests in flight at once.
+
+        One group for everything: the task waits once, however many requests
+        the ranges take.  Ranges larger than the buffer pool's share are done
+        in windows, one after another.
+        """
+        e = self.e
+        pieces: list[tuple[int, int, int]] = []  # (owner, sector, bytes)
+        for i, (sector, n) in enumerate(requests):
+            e.check_range(sector, n, False)
+            pieces.extend((i, s, b) for s, b in e.split(sector, n * SECTOR))
+        out = [bytearray(n * SECTOR) for _, n in requests]
+        budget = max(e.max_request, (self.e.pool.end - self.e.pool.base) // 4)
+        done = 0
+        while done < len(pieces):
+            chunk: list[tuple[int, int, int, int]] = []
+            room = budget
+            try:
+                while done + len(chunk) < len(pieces) and (not chunk or room > 0):
+                    i, s, b = pieces[done + len(chunk)]
+                    chunk.append((i, s, b, await self._alloc(b)))
+                    room -= b
+                g = await self._submit_group([(S.VIRTIO_BLK_T_IN, s, gpa, b) for _, s, b, gpa in chunk])
+                e.raise_for(g, S.VIRTIO_BLK_T_IN, [s for _, s, _, _ in chunk])
+                for i, s, b, gpa in chunk:
+                    pos = (s - requests[i][0]) * SECTOR
+                    memoryview(out[i])[pos : pos + b] = e.pool.view(gpa, b).data
+            finally:
+                for _, _, b, gpa in chunk:
+                    self._free(gpa, b)
+            done += len(chunk)
+        return [bytes(o) for o in out]
+
     async def flush(self) -> None:
         """VIRTIO_BLK_T_FLUSH: all writes completed before it are durable when it returns."""
         if not self.e.driver.has(S.VIRTIO_BLK_F_FLUSH):
