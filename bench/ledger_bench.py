@@ -18,7 +18,8 @@ Measures, in one run and on the same image file:
 
 The last line is machine-readable:
 ``ledger qd32_ratio_vs_pread=<x> qd1_rtt_us=<y> cpu_us_per_req=<z>``
-(ratio = ledger file-backend 4 KiB random-read IOPS at QD32 / pread loop IOPS).
+(ratio = ledger file-backend 4 KiB random-read IOPS at QD32 with 2 queues, the
+default configuration / pread loop IOPS).
 
 Usage: ``python bench/ledger_bench.py [--quick] [--dir DIR] [--size 256M]``
 """
@@ -43,6 +44,7 @@ from ledger import _spec as S
 from ledger._machine import Ledger
 from ledger.backend import FileBackend, RamBackend
 from ledger.client import Batch
+from ledger.units import parse_size
 
 BS = 4096
 SEQ = 1 << 20
@@ -211,11 +213,15 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="short runs (< 30 s in all)")
     ap.add_argument("--dir", default=None, help="where to put the image (default: a temp dir on /var/tmp)")
     ap.add_argument("--size", default="256M", help="image size (default 256M)")
+    ap.add_argument("--doc", default=None, help="write the figures into this markdown file's ledger section")
     ap.add_argument(
         "--reps", type=int, default=None, help="repetitions per cell, median kept (default 3; 1 with --quick)"
     )
     args = ap.parse_args()
-    size = int(args.size.rstrip("MmBb")) << 20
+    try:
+        size = parse_size(args.size)
+    except ValueError as e:
+        ap.error(str(e))
     secs = 0.25 if args.quick else 1.0
     reps = args.reps or (1 if args.quick else 3)
 
@@ -299,7 +305,7 @@ def main() -> int:
             rows.append((f"ledger file q2, {ntasks} tasks x read()", "4K randread", rate, "IOPS"))
             print(f"file queues=2 {ntasks} tasks, one read() each {rate:>12,.0f} IOPS", flush=True)
         cold, warm = start_times()
-        ratio = results[("file", 1, 32, "randread")] / base_rr
+        ratio = results[("file", 2, 32, "randread")] / base_rr  # the default configuration: 2 queues
         base = {
             "4K randread": base_rr,
             "4K randwrite": base_rw,

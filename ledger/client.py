@@ -56,6 +56,8 @@ from .driver import DriverQueue, VirtioBlkDriver
 from .errors import DeviceError, DriverError, IOFailure
 
 SECTOR = S.VIRTIO_BLK_SECTOR_SIZE
+#: Batches of at least this many requests per queue are spread over all queues.
+SPREAD_MIN = 8
 _MIN_CLASS = 4096
 
 
@@ -229,7 +231,10 @@ class Engine:
         """Publish staged requests, spreading them over the queues; return how many went."""
         total = 0
         nq = len(self.queues)
-        for _ in range(nq):
+        # A large batch is dealt out in equal shares, so every queue's worker
+        # thread moves data in parallel; a small one goes to one queue whole.
+        share = self.staged if self.staged < SPREAD_MIN * nq else -(-self.staged // nq)
+        for _ in range(2 * nq):
             if self.st_head == self.st_count:
                 break
             q = self.queues[self._rr]
@@ -238,7 +243,7 @@ class Engine:
             done = K.submit_requests(
                 self.mem, q.q, qs.free_next, qs.chain_next, qs.head_ndesc, qs.head_group, qs.head_gidx,
                 self.st_rtype, self.st_sector, self.st_buf, self.st_nbytes, self.st_group, self.st_gidx,
-                self.st_head, self.st_count - self.st_head, q.notify_fd, qs.kick_buf,
+                self.st_head, min(share, self.st_count - self.st_head), q.notify_fd, qs.kick_buf,
             )  # fmt: skip
             self.st_head += done
             total += done
@@ -844,6 +849,40 @@ class TrioBlk:
             finally:
                 for (_, n), b in zip(part, bufs, strict=False):
                     self._free(b, n)
+
+    async def readv(self, requests: Sequence[tuple[int, int]]) -> list[bytes]:
+        """Read many (sector, nsectors) ranges with all their requests in flight at once.
+
+        One group for everything: the task waits once, however many requests
+        the ranges take.  Ranges larger than the buffer pool's share are done
+        in windows, one after another.
+        """
+        e = self.e
+        pieces: list[tuple[int, int, int]] = []  # (owner, sector, bytes)
+        for i, (sector, n) in enumerate(requests):
+            e.check_range(sector, n, False)
+            pieces.extend((i, s, b) for s, b in e.split(sector, n * SECTOR))
+        out = [bytearray(n * SECTOR) for _, n in requests]
+        budget = max(e.max_request, (self.e.pool.end - self.e.pool.base) // 4)
+        done = 0
+        while done < len(pieces):
+            chunk: list[tuple[int, int, int, int]] = []
+            room = budget
+            try:
+                while done + len(chunk) < len(pieces) and (not chunk or room > 0):
+                    i, s, b = pieces[done + len(chunk)]
+                    chunk.append((i, s, b, await self._alloc(b)))
+                    room -= b
+                g = await self._submit_group([(S.VIRTIO_BLK_T_IN, s, gpa, b) for _, s, b, gpa in chunk])
+                e.raise_for(g, S.VIRTIO_BLK_T_IN, [s for _, s, _, _ in chunk])
+                for i, s, b, gpa in chunk:
+                    pos = (s - requests[i][0]) * SECTOR
+                    memoryview(out[i])[pos : pos + b] = e.pool.view(gpa, b).data
+            finally:
+                for _, _, b, gpa in chunk:
+                    self._free(gpa, b)
+            done += len(chunk)
+        return [bytes(o) for o in out]
 
     async def flush(self) -> None:
         """VIRTIO_BLK_T_FLUSH: all writes completed before it are durable when it returns."""

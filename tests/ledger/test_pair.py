@@ -158,6 +158,10 @@ async def test_trio_concurrent_tasks_match_model(config: str, order: str) -> Non
                 for k in range(16):
                     nursery.start_soon(worker, k)
             model.check(0, await blk.read(0, size // 512))
+            parts = await blk.readv([(5, 3), (0, 1), (4000, 2048 + 7), (5, 3)])
+            for (sector, _), got in zip([(5, 3), (0, 1), (4000, 2048 + 7), (5, 3)], parts, strict=True):
+                model.check(sector, got)
+            assert [len(p) for p in parts] == [3 * 512, 512, (2048 + 7) * 512, 3 * 512]
             assert (await blk.get_id()) != b""
 
 
