@@ -494,7 +494,8 @@ class SovfsTarget(Target):
     def __init__(self, work: Path, img_size: int, options: str = "", env: dict[str, str] | None = None):
         super().__init__(work, img_size)
         self.options = options
-        self.env = env or py_env()
+        self.env = py_env()  # mkfs / fsck
+        self.mount_env = env or self.env  # mount.sovfs (the mount-time probe gives it an empty Numba cache)
         self.pidfile = work / "mount.pid"
         self.log = work / "mount.log"
 
@@ -524,7 +525,7 @@ class SovfsTarget(Target):
             "-o",
             opts,
             timeout=300,
-            env=self.env,
+            env=self.mount_env,
         )
         os.stat(self.mnt)
         self.mount_seconds = time.perf_counter() - t0
