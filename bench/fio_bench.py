@@ -24,7 +24,9 @@ plots and the raw results (JSON) in docs/bench/, a progress line per job, and as
 ``fio-vs-fuse2fs min_ratio=<x> randread_nj4_ratio=<y> create_ratio=<z>``.
 
 Usage: ``python bench/fio_bench.py [--quick] [--reps 3] [--size 512M] [--targets sovfs,fuse2fs,host]
-[--out docs/BENCHMARKS.md]``.  Needs root, /dev/fuse, fio, fuse2fs, mkfs.ext4, fusermount3.
+[--out docs/BENCHMARKS.md] [--profile DIR]`` (``--profile``: ``py-spy record`` of the SovFS daemon during
+the first repetition of each job, collapsed stacks in DIR/JOB.txt; py-spy must be on PATH).
+Needs root, /dev/fuse, fio, fuse2fs, mkfs.ext4, fusermount3.
 Exit status: 0 all targets and jobs ran, 1 some target or job failed (the others are still reported),
 2 a missing tool or bad usage.
 """
@@ -699,7 +701,9 @@ def fmt_value(v: float) -> str:
     return f"{v:.2f}"
 
 
-def run_job(job: Job, target: Target, rep: int, n_files: int, run: Run, timeout: float) -> Result:
+def run_job(
+    job: Job, target: Target, rep: int, n_files: int, run: Run, timeout: float, profile: str | None = None
+) -> Result:
     res = Result(job.name, target.name, rep)
     if job.drop and not drop_caches():
         run.drop_ok = False
@@ -707,6 +711,7 @@ def run_job(job: Job, target: Target, rep: int, n_files: int, run: Run, timeout:
         with contextlib.suppress(FileNotFoundError):
             (target.root / DATAFILE).unlink()
         os.sync()
+    spy = start_profile(profile, job, target, rep)
     c0 = cpu_seconds(target.pid)
     t0 = time.perf_counter()
     try:
@@ -746,7 +751,35 @@ def run_job(job: Job, target: Target, rep: int, n_files: int, run: Run, timeout:
     c1 = cpu_seconds(target.pid)
     if c0 is not None and c1 is not None:
         res.cpu_s = c1 - c0
+    stop_profile(spy)
     return res
+
+
+def start_profile(profile: str | None, job: Job, target: Target, rep: int) -> subprocess.Popen[bytes] | None:
+    """``py-spy record`` of the SovFS daemon during one job (collapsed stacks, all threads, idle excluded)."""
+    if not profile or target.name != "sovfs" or rep != 0 or target.pid is None:
+        return None
+    spy = shutil.which("py-spy")
+    if spy is None:
+        return None
+    out = Path(profile) / f"{job.name}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [spy, "record", "--pid", str(target.pid), "--format", "raw", "--threads", "--rate", "250",
+           "--nonblocking", "--output", str(out)]  # fmt: skip
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.3)  # let it attach
+    return p
+
+
+def stop_profile(p: subprocess.Popen[bytes] | None) -> None:
+    if p is None:
+        return
+    p.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+    try:
+        p.wait(30)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait(5)
 
 
 @contextlib.contextmanager
@@ -861,7 +894,7 @@ def run_all(args: argparse.Namespace, jobs: Sequence[Job], work: Path) -> Run:
                     if t not in live:
                         continue
                     timeout = float(dict(job.fio).get("runtime", 300)) * 2 + 300
-                    res = run_job(job, t, rep, args.files, run, timeout)
+                    res = run_job(job, t, rep, args.files, run, timeout, args.profile)
                     run.results.append(res)
                     cpu = f"  daemon cpu {res.cpu_s:6.2f} s" if res.cpu_s is not None else ""
                     what = (
@@ -1096,6 +1129,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dir", default="/var/tmp", help="where targets live (the host disk)")
     ap.add_argument("--sovfs-options", default="", help="extra mount.sovfs -o options (default: none)")
     ap.add_argument("--jobs", default=None, help="only these jobs (comma list of names; for development)")
+    ap.add_argument(
+        "--profile", default=None, help="py-spy record the SovFS daemon (rep 1 of each job) into DIR"
+    )
     ap.add_argument("--skip-extras", action="store_true", help="skip mount time and 4 GiB peak-RSS runs")
     ap.add_argument(
         "--meta-worker", nargs=4, metavar=("PHASE", "ROOT", "N", "LAYOUT"), help=argparse.SUPPRESS
