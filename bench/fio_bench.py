@@ -771,6 +771,25 @@ def start_profile(profile: str | None, job: Job, target: Target, rep: int) -> su
     return p
 
 
+def summarize_profile(path: Path, top: int = 6) -> list[tuple[str, float]]:
+    """Top self-time frames of a py-spy ``--format raw`` (collapsed stacks) file, as (frame, % of samples).
+
+    Frames are shortened to ``function (file.py)``; the thread name and line numbers are dropped."""
+    counts: dict[str, int] = {}
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        frame = stack.rsplit(";", 1)[-1]
+        m = re.match(r"(.*?) \((?:.*/)?([^/:]+)(?::\d+)?\)$", frame)
+        key = f"{m.group(1)} ({m.group(2)})" if m else frame
+        counts[key] = counts.get(key, 0) + int(n)
+        total += int(n)
+    ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
+    return [(k, 100.0 * v / total) for k, v in ranked] if total else []
+
+
 def stop_profile(p: subprocess.Popen[bytes] | None) -> None:
     if p is None:
         return
@@ -1030,6 +1049,16 @@ def render_markdown(
             f"- {len(errs)} job run(s) failed: "
             + "; ".join(f"{r.job}/{r.target}: {r.error}" for r in errs[:8])
         )
+    if args.profile:
+        lines += [
+            "",
+            "Where the SovFS daemon spends its time (py-spy, first repetition; top self-time frames):",
+            "",
+        ]
+        for j in jobs:
+            prof = Path(args.profile) / f"{j.name}.txt"
+            if prof.exists() and (top := summarize_profile(prof, 4)):
+                lines.append(f"- {j.title}: " + "; ".join(f"`{k}` {v:.0f} %" for k, v in top))
     lines += [
         "",
         *[f"![{Path(p).stem}](bench/{Path(p).name})" for p in plots],

@@ -215,3 +215,16 @@ def test_missing_tool_message(
     assert fb.main(["--quick", "--targets", "fuse2fs"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "fuse2fs" in err[0]
+
+
+def test_summarize_profile(fb: ModuleType, tmp_path: Path) -> None:
+    p = tmp_path / "job.txt"
+    p.write_text(
+        'process 1:"python";main (sovfs/mount.py:10);read (/x/sovfs/fuse_ops.py:200) 30\n'
+        "thread (0x1);run (ledger/device.py:5);_poll (/x/ledger/device.py:77) 60\n"
+        "thread (0x1);run (ledger/device.py:5);_poll (/x/ledger/device.py:78) 10\n"
+        "garbage line\n"
+    )
+    top = fb.summarize_profile(p)
+    assert top[0] == ("_poll (device.py)", pytest.approx(70.0))
+    assert top[1] == ("read (fuse_ops.py)", pytest.approx(30.0))
