@@ -226,6 +226,19 @@ def build_jobs(size: int, *, quick: bool, seed: int = 1) -> list[Job]:
     return jobs
 
 
+def job_blocks(jobs: Sequence[Job]) -> list[list[Job]]:
+    """Jobs that must run in sequence within one repetition: each fio job alone; the metadata phases of
+    one layout together (create, stat, readdir, unlink need the files of the same repetition).  The run
+    loops block → repetition → job → target, so targets still alternate per job (ABC ABC ABC)."""
+    blocks: list[list[Job]] = []
+    for j in jobs:
+        if j.meta and blocks and blocks[-1][0].meta and blocks[-1][0].meta[1] == j.meta[1]:
+            blocks[-1].append(j)
+        else:
+            blocks.append([j])
+    return blocks
+
+
 def fio_args(job: Job, directory: str | os.PathLike[str], fio_bin: str = "fio") -> list[str]:
     """The fio command line: the job's options, then the target directory (the only difference)."""
     # --directory must come before --filename: fio resolves the file name when it parses it.
@@ -657,7 +670,7 @@ class Run:
         return [
             (r.cpu_s, r.ops)
             for r in self.results
-            if r.job == job and r.target == target and r.cpu_s is not None
+            if r.job == job and r.target == target and r.cpu_s is not None and r.value is not None
         ]
 
 
@@ -906,9 +919,9 @@ def run_all(args: argparse.Namespace, jobs: Sequence[Job], work: Path) -> Run:
     k = 0
     with contextlib.ExitStack() as stack:
         live = [t for t in targets if stack.enter_context(mounted(t, run))]
-        for job in jobs:
+        for block in job_blocks(jobs):
             for rep in range(args.reps):
-                for t in targets:
+                for job, t in ((j, t) for j in block for t in targets):
                     k += 1
                     if t not in live:
                         continue

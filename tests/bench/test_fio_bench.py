@@ -228,3 +228,12 @@ def test_summarize_profile(fb: ModuleType, tmp_path: Path) -> None:
     top = fb.summarize_profile(p)
     assert top[0] == ("_poll (device.py)", pytest.approx(70.0))
     assert top[1] == ("read (fuse_ops.py)", pytest.approx(30.0))
+
+
+def test_job_blocks_keep_metadata_phases_together(fb: ModuleType) -> None:
+    jobs = fb.build_jobs(64 * MiB, quick=True)
+    blocks = fb.job_blocks(jobs)
+    assert [b[0] for b in blocks] == [j for j in jobs if j.is_fio or j.meta[0] == "create"]
+    meta = [[j.name for j in b] for b in blocks if b[0].meta]
+    assert meta == [[f"{p}-{layout}" for p in fb.META_PHASES] for layout in fb.META_LAYOUTS]
+    assert sum(len(b) for b in blocks) == len(jobs)
