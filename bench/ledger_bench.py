@@ -370,7 +370,7 @@ def main() -> int:
             + " |"
             for who, job, val, unit in rows
         ]
-        best_cpu = min(cpu_per_req, *pipe_cpu.values())
+        best_cpu = min(cpu_per_req, pipe_cpu[("ram", 32)], pipe_cpu[("ram", 128)])
         summary = f"ledger qd32_ratio_vs_pread={ratio:.2f} qd1_rtt_us={rtt:.1f} cpu_us_per_req={best_cpu:.2f}"
         notes = [
             f"QD1 round trip (file, trio, 4 KiB read): {rtt:.1f} us median",
