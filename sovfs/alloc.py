@@ -38,6 +38,9 @@ class BitmapAllocator:
         self.what = what
         self.bpb = bits_per_bitmap_block(cache.bs)
         self.free = 0
+        #: bumped by every release: a reader that mapped blocks before an await
+        #: re-checks it afterwards (the blocks may have been freed and reused)
+        self.releases = 0
         self.recount()
 
     def _buf(self, k: int) -> Buf:
@@ -82,6 +85,7 @@ class BitmapAllocator:
     def release(self, tx: Transaction, start: int, count: int = 1) -> None:
         if start < 0 or start + count > self.nbits:
             raise Corrupt(f"{self.what} bitmap: free of [{start}, {start + count}) outside the device")
+        self.releases += 1
         self._set(tx, start, count, False)
 
     def find_run(self, goal: int, want: int) -> tuple[int, int]:

@@ -13,12 +13,14 @@ whole extent with one :meth:`pread`, read-ahead uses :meth:`preadv`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
 from ledger._machine import Ledger
 from ledger._spec import VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES
 from ledger._spec import VIRTIO_BLK_SECTOR_SIZE as SECTOR
+from ledger.client import TrioBlk
 
 __all__ = ["BlockDevice", "Buffer", "LedgerBlockDevice", "open_block_device", "ram_block_device"]
 
@@ -63,6 +65,7 @@ class LedgerBlockDevice:
         self._own = own
         self.size = ledger.capacity_sectors * SECTOR
         self.read_only = ledger.driver.read_only
+        self._trio: TrioBlk | None = None
 
     def pread(self, offset: int, length: int) -> bytes:
         return self._blk.read(offset // SECTOR, length // SECTOR)
@@ -90,6 +93,25 @@ class LedgerBlockDevice:
             step = 1 << 20
             for pos in range(offset, offset + length, step):
                 self._blk.write(pos // SECTOR, bytes(min(step, offset + length - pos)))
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[None]:
+        """While inside (in a trio task), :meth:`preadv_async` uses the ledger's trio front end."""
+        async with self.ledger.trio() as blk:
+            self._trio = blk
+            try:
+                yield
+            finally:
+                self._trio = None
+
+    async def preadv_async(self, requests: Sequence[tuple[int, int]]) -> list[bytes]:
+        """:meth:`preadv` that lets other trio tasks run while the data is in flight.
+
+        Outside :meth:`serving` it is the blocking call.
+        """
+        if self._trio is None:
+            return self.preadv(requests)
+        return await self._trio.readv([(off // SECTOR, ln // SECTOR) for off, ln in requests])
 
     def close(self) -> None:
         if self._own:

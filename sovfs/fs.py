@@ -90,7 +90,7 @@ from sovfs.format import (
     uuid_seed,
     xattr_block_capacity,
 )
-from sovfs.inode import InodeRec, InodeStore
+from sovfs.inode import InodeRec, InodeStore, ReadPlan
 from sovfs.journal import Journal
 
 S_ISGID = 0o2000
@@ -730,6 +730,42 @@ class FileSystem:
         if offset < 0 or size < 0:
             raise InvalidArgument("negative offset or size")
         return self.inodes.read(rec, offset, size)
+
+    def read_plan(self, ino: int, offset: int, size: int) -> ReadPlan:
+        """Like :meth:`read`, but return the device requests instead of doing them.
+
+        For callers that overlap the data I/O with other work (the FUSE adapter):
+        after the I/O, :meth:`plan_still_valid` says whether the result may be used.
+        """
+        rec = self._rec(ino)
+        if rec.inode.fmt == S_IFDIR:
+            raise IsDir(f"inode {ino} is a directory")
+        if offset < 0 or size < 0:
+            raise InvalidArgument("negative offset or size")
+        return self.inodes.read_plan(rec, offset, size)
+
+    def plan_still_valid(self, plan: ReadPlan) -> bool:
+        """True if no block was freed since ``plan`` was made (so none was reused)."""
+        return plan.releases == self.balloc.releases
+
+    async def read_async(self, ino: int, offset: int, size: int) -> bytes:
+        """:meth:`read`, with the data in flight while other trio tasks run.
+
+        The core's only ``await``: the mapping is made atomically before it and
+        checked after it.  If any block was freed meanwhile (a truncate or hole
+        punch in another task), the mapped blocks may have been reused, so the
+        read is redone synchronously.  Devices without ``preadv_async`` block.
+        """
+        plan = self.read_plan(ino, offset, size)
+        if not plan.requests:
+            return plan.assemble([])
+        preadv_async = getattr(self.dev, "preadv_async", None)
+        if preadv_async is None:
+            return plan.assemble(self.dev.preadv(plan.requests))
+        datas = await preadv_async(plan.requests)
+        if not self.plan_still_valid(plan):
+            return self.read(ino, offset, size)
+        return plan.assemble(datas)
 
     def write(self, ino: int, offset: int, data: Buffer) -> int:
         self._rw()

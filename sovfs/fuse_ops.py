@@ -311,7 +311,7 @@ class SovOps(pyfuse3.Operations):
     @_guard
     async def read(self, fh: int, off: int, size: int) -> bytes:
         ino = self._handle(fh).ino
-        data = self.fs.read(ino, off, size)
+        data = await self.fs.read_async(ino, off, size)
         self.fs.accessed(ino, self.atime)
         return data
 

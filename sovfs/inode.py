@@ -51,6 +51,33 @@ __all__ = ["InodeRec", "InodeStore"]
 
 
 @dataclass
+class ReadPlan:
+    """A file read mapped to device requests: ``requests`` are (device offset, length).
+
+    Made atomically by the synchronous core; the caller may then do the I/O
+    asynchronously with other work in between, and must check ``releases``
+    against the block allocator afterwards: if any block was freed meanwhile,
+    the mapped blocks may belong to someone else by now and the read is redone.
+    """
+
+    requests: list[tuple[int, int]]
+    where: list[int]  # offset of each request's data in the block-aligned span
+    span: int  # bytes of the block-aligned span
+    skip: int  # offset of the first wanted byte in the span
+    size: int  # bytes wanted
+    releases: int  # block allocator's release counter when the plan was made
+
+    def assemble(self, datas: list[bytes]) -> bytes:
+        """The file bytes from the request results (holes and unwritten extents read as zeros)."""
+        if self.size == 0:
+            return b""
+        out = bytearray(self.span)
+        for pos, data in zip(self.where, datas, strict=True):
+            out[pos : pos + len(data)] = data
+        return bytes(out[self.skip : self.skip + self.size])
+
+
+@dataclass
 class InodeRec:
     ino: int
     inode: Inode
@@ -335,23 +362,23 @@ class InodeStore:
     # --------------------------------------------------------------------------------- data I/O
     def read(self, rec: InodeRec, offset: int, size: int) -> bytes:
         """Read up to ``size`` bytes at ``offset`` (short at EOF). One ``preadv`` for all mapped runs."""
+        plan = self.read_plan(rec, offset, size)
+        return plan.assemble(self.dev.preadv(plan.requests) if plan.requests else [])
+
+    def read_plan(self, rec: InodeRec, offset: int, size: int) -> ReadPlan:
+        """Map a read to device requests without doing them (see :class:`ReadPlan`)."""
         size = max(min(size, rec.inode.size - offset), 0)
-        if size == 0:
-            return b""
         bs = self.bs
+        if size == 0:
+            return ReadPlan([], [], 0, 0, 0, self.blocks.releases)
         first, last = offset // bs, (offset + size - 1) // bs
-        out = bytearray((last - first + 1) * bs)
         reqs: list[tuple[int, int]] = []
         where: list[int] = []
         for lg, n, phys, unw in self.map_range(rec, first, last - first + 1):
             if phys is not None and not unw:
                 reqs.append((phys * bs, n * bs))
                 where.append((lg - first) * bs)
-        if reqs:
-            for pos, data in zip(where, self.dev.preadv(reqs), strict=True):
-                out[pos : pos + len(data)] = data
-        skip = offset - first * bs
-        return bytes(out[skip : skip + size])
+        return ReadPlan(reqs, where, (last - first + 1) * bs, offset - first * bs, size, self.blocks.releases)
 
     def write(self, tx: Transaction, rec: InodeRec, offset: int, data: Buffer) -> int:
         """Write ``data`` at ``offset``: allocate holes, RMW partial edge blocks, one ``pwritev``."""

@@ -399,7 +399,11 @@ class _Daemon:
                 nursery.start_soon(writeback)
             nursery.start_soon(ready)
             try:
-                await pyfuse3.main(max_tasks=o.max_tasks)
+                # File data moves through the device's async path while mounted, so
+                # the reads of concurrent FUSE requests are in flight together.
+                serving = getattr(ops.fs.dev, "serving", None)
+                async with serving() if serving is not None else contextlib.nullcontext():
+                    await pyfuse3.main(max_tasks=o.max_tasks)
             finally:
                 nursery.cancel_scope.cancel()
 
