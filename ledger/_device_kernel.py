@@ -31,7 +31,9 @@ Each pass of the loop:
 4. complete the batch in the configured order (fifo / reverse / seeded
    shuffle): status bytes and used elements, then one release-store of
    ``used->idx``, then the interrupt decision.
-5. when there is no work: spin on ``avail->idx`` for ``spin_ns``, then re-arm
+5. when there is no work: spin on ``avail->idx`` for an adaptive window (at
+   most ``spin_ns``: doubled when work arrives while polling, halved when a
+   poll runs dry, never below 4 µs), then re-arm
    kicks, fence, re-check, and block in ``read(kick_fd)``.
 
 In single-pass mode (``p[P_SINGLE_PASS]``) step 5 returns instead, which makes
@@ -155,6 +157,7 @@ P_MAX_WZ_SECTORS = 15
 P_MAX_WZ_SEG = 16
 P_ORDER = 17
 P_SPIN_NS = 18
+SPIN_MIN_NS = 4_000  # the polling window never shrinks below this
 P_SINGLE_PASS = 19
 P_INDIRECT_MAX = 20
 P_SIZE = 24
@@ -794,6 +797,11 @@ def serve_queue(mem, p, ctl, shared, call_fds, diag, ram, serial, zeros):
     no_notify = False
     idle_since = monotonic_ns()
     spins = 0
+    # Adaptive polling (as QEMU's aio-poll grows and shrinks its window): the
+    # window doubles when work arrives while polling and halves when a poll runs
+    # dry, so a busy queue stays hot and a trickle of requests costs no CPU.
+    window = spin_ns // 4
+    spun = False
     while True:
         if load_acquire_u64(ctl, C_STOP * 8) != 0:
             break
@@ -809,7 +817,8 @@ def serve_queue(mem, p, ctl, shared, call_fds, diag, ram, serial, zeros):
             if single:
                 break
             now = monotonic_ns()
-            if now - idle_since < spin_ns:
+            if now - idle_since < window:
+                spun = True
                 spins += 1
                 if (spins & 63) == 0:
                     # More busy threads than cores: the driver we wait for may be
@@ -834,11 +843,16 @@ def serve_queue(mem, p, ctl, shared, call_fds, diag, ram, serial, zeros):
                 idle_since = now
                 continue
             ctl[C_SLEEPS] += 1
+            window = max(SPIN_MIN_NS, window // 2)
+            spun = False
             r = c_read(np.int32(p[P_KICK_FD]), address_of(kbuf, 0), np.uint64(8))
             if r < 0 and np.int64(errno()) != EINTR:
                 break  # kick fd closed: nothing can wake us any more
             idle_since = monotonic_ns()
             continue
+        if spun:
+            window = min(spin_ns, window * 2)
+            spun = False
         # pop the batch
         n = 0
         broken = False
