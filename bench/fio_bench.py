@@ -979,12 +979,34 @@ def _cell(ms: tuple[float, float, float] | None) -> str:
     return f"{fmt_value(med)} ({fmt_value(lo)}–{fmt_value(hi)})"
 
 
+def _git_commit() -> str:
+    """The measured code's commit (``+dirty`` with uncommitted changes), or ``unknown``."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev + ("+dirty" if dirty else "")
+
+
 def render_markdown(
     run: Run, jobs: Sequence[Job], args: argparse.Namespace, plots: Sequence[str], summary: str
 ) -> str:
     tnames = list(args.targets)
     lines = [
-        f"Run {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} ({os.cpu_count()} CPUs, kernel "
+        f"Run {time.strftime('%Y-%m-%d %H:%M')} of commit {_git_commit()} on {platform.node()} "
+        f"({os.cpu_count()} CPUs, kernel "
         f"{platform.release()}), {_fio_version()}, fuse2fs {_fuse2fs_version()}; "
         f"{'**quick** mode, ' if args.quick else ''}data file {args.size_h}, {args.files:,} small files, "
         f"images {args.image_size / GiB:.2f} GiB on {args.dir}, {args.reps} repetition(s); "
