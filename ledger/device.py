@@ -642,6 +642,8 @@ _QUEUE_REGS: Final = {
 
 
 def _drain(fd: int) -> None:
-    """Consume a pending eventfd count without blocking."""
-    while select.select([fd], [], [], 0)[0]:
+    """Consume a pending eventfd count without blocking (poll(2): no FD_SETSIZE limit, unlike select)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    while poller.poll(0):
         os.read(fd, 8)

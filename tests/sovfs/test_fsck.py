@@ -23,7 +23,7 @@ from sovfs import format as F
 from sovfs.fs import FileSystem
 from sovfs.fsck_core import CannotCheck, Mode, Report, check
 from sovfs.mkfs_core import MkfsParams, make_filesystem
-from tests.sovfs.ramdev import RamLedgerDevice
+from tests.sovfs.ramdev import LIVE, RamLedgerDevice
 
 R = F.ROOT_INO
 
@@ -523,7 +523,11 @@ def _fuzz(layout: Layout, seed: int, rounds: int) -> None:
             check(dev, Mode.YES)
         except CannotCheck:
             continue
-        assert_clean(dev)
+        else:
+            assert_clean(dev)
+        finally:
+            LIVE.remove(dev)
+            dev.shutdown()  # a thousand rounds: give each round's device threads and fds back
 
 
 def test_fuzz_metadata_quick(layout: Layout) -> None:
