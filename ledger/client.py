@@ -947,3 +947,48 @@ class TrioBlk:
             batch.rtype.tolist() if self.e.grp_err_status[g] else 0,
             batch.sector.tolist() if self.e.grp_err_status[g] else [],
         )
+
+    def start_batch(self, batch: Batch) -> BatchTicket:
+        """Publish a :class:`Batch` now and return without waiting (fio's async submit).
+
+        The caller keeps working — typically filling the next batch — while the
+        device moves this one; :meth:`finish_batch` waits for it.  Two batches
+        in turn keep the device and the driver busy at the same time.
+
+        Raises:
+            DriverError: no room (too many batches started and not finished).
+        """
+        e = self.e
+        if e.broken is not None:
+            raise e.broken
+        if len(batch) > e.staging_room() or not e.free_groups:
+            raise DriverError("no room to start another batch: finish one first")
+        g = e.new_group(len(batch), self._mark)
+        assert g is not None
+        self._waiters[g] = None
+        e.stage_batch(batch, g)
+        e.flush()
+        return BatchTicket(g, batch)
+
+    async def finish_batch(self, ticket: BatchTicket) -> None:
+        """Wait for a batch from :meth:`start_batch`; raise :class:`IOFailure` for its first failure."""
+        g = ticket.group
+        if g in self._waiters:
+            self._poll_inline(g)
+        if g in self._waiters:
+            self._kick_reapers()
+            self._waiters[g] = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(_refuse_abort)
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        b = ticket.batch
+        failed = bool(self.e.grp_err_status[g])
+        self.e.raise_for(g, b.rtype.tolist() if failed else 0, b.sector.tolist() if failed else [])
+
+
+@dataclass(frozen=True)
+class BatchTicket:
+    """A batch in flight, from :meth:`TrioBlk.start_batch`."""
+
+    group: int
+    batch: Batch

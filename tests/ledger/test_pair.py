@@ -303,3 +303,24 @@ async def test_more_concurrent_batches_than_groups_all_complete() -> None:
                     n.start_soon(one)
         assert waited > 0  # some tasks really had to wait for a group
         assert len(led.engine.free_groups) == ngroups
+
+
+async def test_started_batches_overlap_and_finish_in_any_order() -> None:
+    with Ledger.ram(MB, num_queues=2, device_queues=2, completion_order="shuffle") as led:
+        async with led.trio() as blk:
+            await blk.write(0, bytes(range(256)) * 4 * 8)  # sectors 0..15
+            bufs = [np.array([blk.alloc_buffer(512)[0] for _ in range(8)], np.uint64) for _ in range(2)]
+            a = blk.start_batch(Batch.uniform(S.VIRTIO_BLK_T_IN, np.arange(8), 1, bufs[0]))
+            b = blk.start_batch(Batch.uniform(S.VIRTIO_BLK_T_IN, np.arange(8, 16), 1, bufs[1]))
+            await blk.finish_batch(b)
+            await blk.finish_batch(a)
+            for k in range(2):
+                for i in range(8):
+                    got = bytes(led.engine.pool.view(int(bufs[k][i]), 512))
+                    assert got == (bytes(range(256)) * 2)
+            bad = blk.start_batch(Batch.uniform(S.VIRTIO_BLK_T_IN, [1, 4000], 1, bufs[0][:2]))
+            with pytest.raises(IOFailure) as ei:
+                await blk.finish_batch(bad)
+            assert ei.value.index == 1
+            assert ei.value.sector == 4000
+        assert len(led.engine.free_groups) == len(led.engine.on_done)
