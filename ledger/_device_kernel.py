@@ -16,7 +16,20 @@ only numpy arrays and integers:
 ``call_fds``  every queue's call eventfd (a config change wakes them all);
 ``diag``      this queue's diagnostic records (see :mod:`ledger.diagnostics`);
 ``ram``       the RAM backend's bytes (empty when the image is a file);
-``serial``    the 20 GET_ID bytes;  ``zeros`` a zero buffer for WRITE_ZEROES.
+``serial``    the 20 GET_ID bytes;  ``zeros`` a zero buffer for WRITE_ZEROES;
+``wc``        ``int64`` volatile-write-cache state (``W_*``; ``wc[W_ON] = 0``: no cache);
+``wc_data``   the cache's log buffer;  ``durable`` the image as it is on the "platter".
+
+Power-cut simulation (``wc[W_ON] = 1``, RAM backends only, one queue): ``ram`` is what
+the disk *reads back* (its cache), ``durable`` what survives power loss.  A completed
+OUT/WRITE_ZEROES/DISCARD is appended to the log (``wc`` entries + a memcpy of the
+written bytes into ``wc_data``); FLUSH copies the log to ``durable`` in order and
+empties it; in writethrough mode each write goes to ``durable`` at once.  A full log
+is written back on its own (a real cache may destage at any time).  After
+``wc[W_CUT_AT]`` admitted requests the power is off: every later request completes
+with IOERR and moves no data (a real disk would never complete it; failing it lets
+the driver stop).  :meth:`ledger.backend.CrashBackend.power_cut` builds the
+post-crash image from ``durable`` and a seeded choice of the logged writes.
 
 Each pass of the loop:
 
@@ -188,6 +201,19 @@ C_ERRORS = 9
 C_INTERRUPTS = 10
 C_SLEEPS = 11
 C_SIZE = 16
+
+# --- wc[]: volatile write cache (power-cut simulation) -------------------------
+W_ON = 0  # 1: writes go through the volatile cache
+W_COUNT = 1  # requests admitted so far
+W_CUT_AT = 2  # power is cut once W_COUNT reaches this (-1: never)
+W_DEAD = 3  # 1 once the power is off
+W_NENT = 4  # log entries
+W_USED = 5  # bytes of wc_data in use
+W_MAXENT = 6  # entry capacity
+W_DESTAGES = 7  # times a full log was written back on its own
+W_FLUSHES = 8
+W_HDR = 16  # entries from here, 3 slots each: image byte offset, length, offset in wc_data
+W_ENTRY = 3
 
 # --- shared[] (uint32) byte offsets -------------------------------------------
 SH_STATUS = 0
@@ -510,7 +536,51 @@ def zero_range(image_fd, ram, zeros, img, n, punch):
 
 
 @njit(cache=True)
-def handle_request(mem, p, ctl, diag, head, seq, segs, err, hdr, ram, serial, zeros, res):
+def wc_destage(wc, wc_data, durable):
+    """FLUSH: apply the logged writes to ``durable`` in the order they completed; empty the log."""
+    for i in range(wc[W_NENT]):
+        b = W_HDR + W_ENTRY * i
+        c_memcpy(address_of(durable, wc[b]), address_of(wc_data, wc[b + 2]), np.uint64(wc[b + 1]))
+    wc[W_NENT] = 0
+    wc[W_USED] = 0
+
+
+@njit(cache=True)
+def wc_write(wc, wc_data, durable, ram, img, n, through):
+    """A completed write of image bytes ``[img, img+n)`` (already in ``ram``): log it, or write through."""
+    if n <= 0:
+        return
+    if not through and (wc[W_NENT] >= wc[W_MAXENT] or wc[W_USED] + n > wc_data.size):
+        wc_destage(wc, wc_data, durable)
+        wc[W_DESTAGES] += 1
+    if through or n > wc_data.size:
+        c_memcpy(address_of(durable, img), address_of(ram, img), np.uint64(n))
+        return
+    b = W_HDR + W_ENTRY * wc[W_NENT]
+    wc[b] = img
+    wc[b + 1] = n
+    wc[b + 2] = wc[W_USED]
+    c_memcpy(address_of(wc_data, wc[W_USED]), address_of(ram, img), np.uint64(n))
+    wc[W_USED] += n
+    wc[W_NENT] += 1
+
+
+@njit(cache=True)
+def wc_admit(wc):
+    """Count one request; False once the power is cut (the request must move no data)."""
+    if wc[W_DEAD] != 0:
+        return False
+    if wc[W_CUT_AT] >= 0 and wc[W_COUNT] >= wc[W_CUT_AT]:
+        wc[W_DEAD] = 1
+        return False
+    wc[W_COUNT] += 1
+    return True
+
+
+@njit(cache=True)
+def handle_request(
+    mem, p, ctl, diag, head, seq, segs, err, hdr, ram, serial, zeros, res, wc, wc_data, durable
+):
     """Check and execute one chain.  ``res`` <- [status, used len, status byte offset or -1].
 
     Order of business: walk (structure), header, status byte, then per-type
@@ -556,6 +626,10 @@ def handle_request(mem, p, ctl, diag, head, seq, segs, err, hdr, ram, serial, ze
         diag_put(diag, D_NO_STATUS, q, seq, head, segs[nseg - 1, S_DESC], rtype, sector, 0, 0,
                  segs[nseg - 1, S_WHERE])
         return
+    if wc[W_ON] != 0 and not wc_admit(wc):
+        return  # power is off: IOERR, nothing moved
+    cached = wc[W_ON] != 0
+    through = (kflags & K_WRITETHROUGH) != 0
     out_len = rd - 16
     in_len = wr - 1
     ro = (kflags & K_RO) != 0
@@ -595,6 +669,8 @@ def handle_request(mem, p, ctl, diag, head, seq, segs, err, hdr, ram, serial, ze
                 diag_put(diag, D_IO_ERROR, q, seq, head, head, rtype, sector, e, OP_PWRITE, 0)
                 return
             ctl[C_BYTES_WRITTEN] += n
+            if cached:
+                wc_write(wc, wc_data, durable, ram, sector * 512, n, through)
             if kflags & K_WRITETHROUGH and image_fd >= 0 and c_fdatasync(np.int32(image_fd)) != 0:
                 e = np.int64(errno())
                 diag_put(diag, D_IO_ERROR, q, seq, head, head, rtype, sector, e, OP_FDATASYNC, 0)
@@ -602,6 +678,9 @@ def handle_request(mem, p, ctl, diag, head, seq, segs, err, hdr, ram, serial, ze
         res[0] = S_OK
         return
     if rtype == T_FLUSH:
+        if cached:
+            wc_destage(wc, wc_data, durable)
+            wc[W_FLUSHES] += 1
         if image_fd >= 0 and c_fdatasync(np.int32(image_fd)) != 0:
             e = np.int64(errno())
             diag_put(diag, D_IO_ERROR, q, seq, head, head, rtype, sector, e, OP_FDATASYNC, 0)
@@ -678,6 +757,8 @@ def handle_request(mem, p, ctl, diag, head, seq, segs, err, hdr, ram, serial, ze
             if e != 0:
                 diag_put(diag, D_IO_ERROR, q, seq, head, head, rtype, s_sec, e, OP_FALLOCATE, 0)
                 return
+            if cached:
+                wc_write(wc, wc_data, durable, ram, s_sec * 512, s_num * 512, through)
         if kflags & K_WRITETHROUGH and image_fd >= 0 and c_fdatasync(np.int32(image_fd)) != 0:
             e = np.int64(errno())
             diag_put(diag, D_IO_ERROR, q, seq, head, head, rtype, sector, e, OP_FDATASYNC, 0)
@@ -763,7 +844,9 @@ def make_order(ctl, n, mode, order):
 
 
 @njit(nogil=True, cache=True)
-def serve_queue(mem, p, ctl, shared, call_fds, diag, ram, serial, zeros):
+def serve_queue(
+    mem, p, ctl, shared, call_fds, diag, ram, serial, zeros, wc, wc_data, durable
+):
     """Serve one virtqueue until stopped (or, in single-pass mode, until it is empty).
 
     Returns the number of requests completed by this call.
@@ -875,7 +958,8 @@ def serve_queue(mem, p, ctl, shared, call_fds, diag, ram, serial, zeros):
         for i in range(n):
             seq = ctl[C_SEQ]
             ctl[C_SEQ] = seq + 1
-            handle_request(mem, p, ctl, diag, heads[i], seq, segs, err, hdr, ram, serial, zeros, res)
+            handle_request(mem, p, ctl, diag, heads[i], seq, segs, err, hdr, ram, serial, zeros, res,
+                           wc, wc_data, durable)
             stat[i] = res[0]
             ulen[i] = res[1]
             soff[i] = res[2]

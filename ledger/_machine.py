@@ -30,7 +30,7 @@ from typing import Any
 import trio
 
 from . import _driver_kernels as K
-from .backend import Backend, FileBackend, RamBackend
+from .backend import Backend, CrashBackend, FileBackend, RamBackend
 from .client import Engine, SyncBlk, TrioBlk
 from .device import VirtioBlkDevice
 from .driver import VirtioBlkDriver
@@ -121,6 +121,12 @@ class Ledger:
     def ram(cls, nbytes: int, **kwargs: Any) -> Ledger:
         """A ledger on a zero-filled RAM disk of ``nbytes`` bytes."""
         return cls(RamBackend(nbytes), **kwargs)
+
+    @classmethod
+    def crash(cls, backend: CrashBackend, **kwargs: Any) -> Ledger:
+        """A one-queue ledger on a :class:`CrashBackend`, which outlives it (for ``power_cut``)."""
+        kwargs.setdefault("own_backend", False)
+        return cls(backend, num_queues=1, device_queues=1, **kwargs)
 
     @property
     def capacity_sectors(self) -> int:

@@ -15,6 +15,12 @@ an empty array).  One cached kernel serves both kinds:
   image ``O_RDONLY`` and the device then offers VIRTIO_BLK_F_RO.
 * :class:`RamBackend` - a numpy array; the same semantics, no syscalls.  For
   tests and benchmarks.
+* :class:`CrashBackend` - a RAM disk with a volatile write cache (CONFIG_WCE) and
+  a power switch: completed writes stay in the cache until a FLUSH, and
+  :meth:`CrashBackend.power_cut` builds the image a power loss would leave
+  (unflushed writes lost, applied in any order, or torn at 512-byte sectors),
+  deterministically from a seed.  The data path stays in the kernel (a log
+  appended with memcpy); see ``_device_kernel`` "Power-cut simulation".
 
 The device is the only code that opens an image for I/O (creating/sizing an
 image is :func:`create_image`'s job).  The owner of a backend closes it,
@@ -24,15 +30,21 @@ after closing the device.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
+from ledger import _device_kernel as K
 from ledger._spec import VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_SECTOR_SIZE
 
-__all__ = ["Backend", "BackendError", "FileBackend", "ImageSizeError", "RamBackend", "create_image"]
+__all__ = [
+    "Backend", "BackendError", "CrashBackend", "FileBackend", "ImageSizeError", "LossPattern", "RamBackend",
+    "create_image",
+]
 
 _EMPTY = np.zeros(0, dtype=np.uint8)
+_SECTOR = VIRTIO_BLK_SECTOR_SIZE
 
 
 class BackendError(ValueError):
@@ -56,6 +68,10 @@ class Backend:
     nbytes: int = 0
     read_only: bool = False
     name: str = "disk"
+    #: volatile write cache state for the kernel (``wc[W_ON] = 0``: none; see CrashBackend)
+    wc: npt.NDArray[np.int64] = np.zeros(K.W_HDR, np.int64)
+    wc_data: npt.NDArray[np.uint8] = _EMPTY
+    durable: npt.NDArray[np.uint8] = _EMPTY
 
     @property
     def capacity(self) -> int:
@@ -92,6 +108,121 @@ class RamBackend(Backend):
         self.nbytes = nbytes
         self.read_only = read_only
         self.name = name
+
+
+@dataclass(frozen=True)
+class LossPattern:
+    """What :meth:`CrashBackend.power_cut` did to the unflushed writes (for failure reports)."""
+
+    seed: int
+    unflushed: int  # writes in the volatile cache at the cut
+    kept: int  # applied whole
+    torn: int  # applied in part (a random subset of their sectors)
+    lost: int
+    reordered: bool  # applied in a random order rather than completion order
+
+    def __str__(self) -> str:
+        order = "shuffled" if self.reordered else "in order"
+        return (f"seed {self.seed}: {self.unflushed} unflushed writes -> {self.kept} kept, {self.torn} torn, "
+                f"{self.lost} lost, {order}")
+
+
+class CrashBackend(RamBackend):
+    """A RAM disk with a volatile write cache and a power switch (for crash-consistency testing).
+
+    Reads see every completed write (``ram``).  Writes reach ``durable`` only at a FLUSH (or at once in
+    writethrough mode, i.e. config ``writeback = 0``).  :meth:`cut_after` makes the device fail every
+    request from the N-th on (the power is off: nothing more reaches the disk); :meth:`power_cut` then
+    returns the image a power loss leaves.  Serve it with ONE queue (``Ledger.crash``): the log has a
+    single writer.
+
+    Args:
+        nbytes: capacity (multiple of 512), zero-filled; or ``image``: initial contents (both the
+            readable and the durable image).
+        log_bytes / log_entries: capacity of the volatile cache; when full it is written back on its
+            own, as a real disk's cache may be at any time (counted in ``stats()["destages"]``).
+
+    Example:
+        >>> b = CrashBackend(4096)
+        >>> b.power_cut(1).shape
+        (4096,)
+    """
+
+    def __init__(
+        self, nbytes: int = 0, *, image: npt.NDArray[np.uint8] | bytes | None = None,
+        log_bytes: int = 16 << 20, log_entries: int = 1 << 16, name: str = "crash",
+    ) -> None:
+        if image is not None:
+            nbytes = len(image)
+        super().__init__(nbytes, name=name)
+        if image is not None:
+            self.ram[:] = np.frombuffer(image, np.uint8) if isinstance(image, bytes) else image
+        self.durable = self.ram.copy()
+        self.wc_data = np.zeros(log_bytes, np.uint8)
+        self.wc = np.zeros(K.W_HDR + K.W_ENTRY * log_entries, np.int64)
+        self.wc[K.W_ON] = 1
+        self.wc[K.W_CUT_AT] = -1
+        self.wc[K.W_MAXENT] = log_entries
+
+    # -- power switch -----------------------------------------------------------------------------
+    @property
+    def requests(self) -> int:
+        """Requests the device admitted so far (the clock of :meth:`cut_after`)."""
+        return int(self.wc[K.W_COUNT])
+
+    @property
+    def powered(self) -> bool:
+        return bool(self.wc[K.W_DEAD] == 0)
+
+    def cut_after(self, n: int) -> None:
+        """Cut the power once ``n`` more requests have been admitted (``n = 0``: now)."""
+        self.wc[K.W_CUT_AT] = self.requests + max(n, 0)
+
+    def unflushed(self) -> list[tuple[int, int]]:
+        """(byte offset, length) of every write still in the volatile cache, oldest first."""
+        n = int(self.wc[K.W_NENT])
+        e = self.wc[K.W_HDR : K.W_HDR + K.W_ENTRY * n].reshape(n, K.W_ENTRY)
+        return [(int(a), int(b)) for a, b, _ in e]
+
+    def stats(self) -> dict[str, int]:
+        w = self.wc
+        return {"requests": int(w[K.W_COUNT]), "unflushed": int(w[K.W_NENT]), "flushes": int(w[K.W_FLUSHES]),
+                "destages": int(w[K.W_DESTAGES]), "dead": int(w[K.W_DEAD])}
+
+    def power_cut(self, seed: int) -> npt.NDArray[np.uint8]:
+        """The image left by a power loss now (stop the device first); also switches the power off.
+
+        A seeded, legal loss pattern for a disk with a volatile cache: each unflushed write is lost,
+        kept, or torn (a random subset of its 512-byte sectors reaches the platter); the survivors are
+        applied in completion order or, half the time, in a random order.  Flushed data always
+        survives.  Same state + same seed = same image; :attr:`last_loss` describes what was done.
+        """
+        self.wc[K.W_DEAD] = 1
+        rng = np.random.default_rng(seed)
+        img = self.durable.copy()
+        n = int(self.wc[K.W_NENT])
+        ent = self.wc[K.W_HDR : K.W_HDR + K.W_ENTRY * n].reshape(n, K.W_ENTRY)
+        p_lose, p_tear = rng.random(), rng.random() * 0.5
+        fate = rng.random(n)
+        reordered = bool(rng.random() < 0.5)
+        order = rng.permutation(n) if reordered else np.arange(n)
+        kept = torn = lost = 0
+        for i in order:
+            off, ln, at = (int(x) for x in ent[i])
+            if fate[i] < p_lose:
+                lost += 1
+                continue
+            src = self.wc_data[at : at + ln]
+            if fate[i] < p_lose + p_tear * (1 - p_lose) and ln > _SECTOR:
+                torn += 1
+                keep = rng.random(ln // _SECTOR) < 0.5
+                dst = img[off : off + ln].reshape(-1, _SECTOR)
+                dst[keep] = src.reshape(-1, _SECTOR)[keep]
+            else:
+                kept += 1
+                img[off : off + ln] = src
+        self.last_loss = LossPattern(seed, n, kept, torn, lost, reordered)
+        return img
 
 
 class FileBackend(Backend):

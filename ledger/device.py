@@ -164,6 +164,8 @@ class VirtioBlkDevice:
             raise ValueError(f"num_queues must be 1..65535, got {num_queues}")
         if not 1 <= queue_num_max <= S.VIRTQ_MAX_SIZE:
             raise ValueError(f"queue_num_max must be 1..32768, got {queue_num_max}")
+        if backend.wc[K.W_ON] and num_queues != 1:
+            raise ValueError("a backend with a simulated write cache is served by exactly one queue")
         if completion_order not in _ORDERS:
             raise ValueError(f"completion_order must be one of {sorted(_ORDERS)}, got {completion_order!r}")
         self.backend = backend
@@ -596,6 +598,9 @@ class VirtioBlkDevice:
             self.backend.ram,
             self.serial,
             self._zeros,
+            self.backend.wc,
+            self.backend.wc_data,
+            self.backend.durable,
         )
 
     def _start_workers(self) -> None:

@@ -41,6 +41,12 @@ class BitmapAllocator:
         #: bumped by every release: a reader that mapped blocks before an await
         #: re-checks it afterwards (the blocks may have been freed and reused)
         self.releases = 0
+        #: journaled block allocator: items freed by the running transaction stay unallocatable until it
+        #: commits (a block freed in memory must not receive file data while the on-disk state still
+        #: has it in use); bitmap block index -> mask of pending bits
+        self.defer_frees = False
+        self._pending: dict[int, np.ndarray] = {}
+        self.pending_count = 0
         self.recount()
 
     def _buf(self, k: int) -> Buf:
@@ -48,7 +54,18 @@ class BitmapAllocator:
 
     def _bits(self, k: int) -> np.ndarray:
         arr = np.frombuffer(self._buf(k).data, dtype=np.uint8, offset=HEADER_SIZE)
-        return np.unpackbits(arr, bitorder="little")
+        bits = np.unpackbits(arr, bitorder="little")
+        pend = self._pending.get(k)
+        return bits | pend if pend is not None else bits
+
+    def frees_committed(self) -> None:
+        """The running transaction is durable: the items it freed may be reused."""
+        self._pending.clear()
+        self.pending_count = 0
+
+    def short_of_space(self) -> bool:
+        """Journal pressure hook: most free items are only pending (commit to make them reusable)."""
+        return self.pending_count > 0 and self.pending_count * 2 >= self.free
 
     def recount(self) -> None:
         bufs = self.cache.read_many([self.start + k for k in range(self.nblocks)], self.btype)
@@ -74,6 +91,12 @@ class BitmapAllocator:
                 raise Corrupt(f"{self.what} bitmap: double {'allocation' if value else 'free'} at {start}")
             bits[r : r + n] = 1 if value else 0
             buf.data[HEADER_SIZE:] = np.packbits(bits, bitorder="little").tobytes()
+            if not value and self.defer_frees:
+                pend = self._pending.get(k)
+                if pend is None:
+                    pend = self._pending[k] = np.zeros(self.bpb, np.uint8)
+                pend[r : r + n] = 1
+                self.pending_count += n
             tx.dirty(buf)
             self.free += -n if value else n
             start += n

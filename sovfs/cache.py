@@ -142,7 +142,7 @@ class BufferCache:
     def forget(self, bno: int) -> None:
         """Drop a clean or freed block from the cache (its block was freed)."""
         b = self._bufs.get(bno)
-        if b is not None and b.pins == 0:
+        if b is not None and b.pins == 0 and not b.dirty:  # a dirty one belongs to the running transaction
             del self._bufs[bno]
 
     def discard(self, bufs: Iterable[Buf]) -> None:
@@ -162,6 +162,11 @@ class BufferCache:
             self.dev.pwritev(reqs)
         for b in bufs:
             b.dirty = False
+        if len(self._bufs) > self.capacity:
+            self._evict()
+
+    def trim(self) -> None:
+        """Evict clean buffers beyond capacity (after a commit made many buffers clean at once)."""
         if len(self._bufs) > self.capacity:
             self._evict()
 

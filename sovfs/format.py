@@ -21,6 +21,7 @@ Who may call it: anyone.  It performs no I/O and holds no state.
 from __future__ import annotations
 
 import enum
+import hashlib
 import struct
 from dataclasses import dataclass, field
 from typing import NewType
@@ -87,6 +88,8 @@ class BlockType(enum.IntEnum):
     DIR_NODE = 4
     XATTR = 5
     JOURNAL_SUPER = 6
+    JOURNAL_DESC = 7
+    JOURNAL_COMMIT = 8
 
 
 # --------------------------------------------------------------------------------------------------
@@ -793,3 +796,26 @@ class JournalSuperblock:
     def unpack(cls, buf: bytes | bytearray | memoryview) -> JournalSuperblock:
         ver, flags, first, blocks, seq, head = JOURNAL_SB.unpack_from(buf, JOURNAL_SB_OFF)
         return cls(first=first, blocks=blocks, sequence=seq, head=head, flags=flags, version=ver)
+
+
+# §8.2 journal records (v1.1)
+JOURNAL_DESC = struct.Struct("<QII")  # @32: sequence, count (home numbers in this block), total data blocks
+JOURNAL_COMMIT = struct.Struct("<QIIIIQQ")  # @32: sequence, ndesc, nblocks, flags, 0, orphan_head, body_hash
+JOURNAL_REC_OFF = 32
+JOURNAL_DESC_ENTRIES_OFF = 48
+JCOMMIT_F_ORPHAN = 1  # orphan_head is meaningful (always set by v1.1 writers)
+
+
+def journal_body_hash(body: bytes | bytearray | memoryview, uuid: bytes) -> int:
+    """§8.2: BLAKE2b-64 keyed with the UUID over descriptors + block images.
+
+    Not crc32c: CRC is linear, and a block of self-checksummed inodes changed in whole slots leaves
+    any crc32c over it unchanged (a codeword plus its own CRC has a constant residue) — the crash
+    harness found a torn journal write that crc32c accepted.
+    """
+    return int.from_bytes(hashlib.blake2b(body, digest_size=8, key=uuid).digest(), "little")
+
+
+def journal_desc_capacity(block_size: int) -> int:
+    """§8.2: home block numbers one descriptor block holds."""
+    return (block_size - JOURNAL_DESC_ENTRIES_OFF) // 8

@@ -28,6 +28,7 @@ holds the xattr and path helpers, which are thin.
 from __future__ import annotations
 
 import errno
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ from sovfs.errors import (
     TooManyLinks,
 )
 from sovfs.format import (
+    INCOMPAT_RECOVER,
     INLINE_SYMLINK_MAX,
     INODE_AREA_SIZE,
     INODE_XATTR_SIZE,
@@ -91,7 +93,7 @@ from sovfs.format import (
     xattr_block_capacity,
 )
 from sovfs.inode import InodeRec, InodeStore, ReadPlan
-from sovfs.journal import Journal
+from sovfs.journal import Journal, Recovery, Transaction, journal_state, recover
 
 S_ISGID = 0o2000
 
@@ -159,14 +161,26 @@ def check_xattr_name(name: bytes) -> None:
 class FileSystem:
     """A mounted SovFS on a BlockDevice. Use as a context manager or call :meth:`close`."""
 
-    def __init__(self, dev: BlockDevice, sb: Superblock, *, read_only: bool) -> None:
+    def __init__(
+        self, dev: BlockDevice, sb: Superblock, *, read_only: bool, journal_sequence: int = 1,
+        journaling: bool = True,
+    ) -> None:
         self.dev = dev
         self.sb = sb
         self.read_only = read_only
         self.bs = sb.block_size
         seed = uuid_seed(sb.uuid)
         self.cache = BufferCache(dev, self.bs, seed)
-        self.journal = Journal(self.cache)
+        self.journal = Journal(
+            self.cache, start=sb.journal_start, blocks=sb.journal_blocks, sequence=journal_sequence,
+            enabled=journaling,
+        )
+        self.journal.orphan_head = sb.orphan_head
+        self.journal.uuid = sb.uuid
+        self._committed_orphan_head = sb.orphan_head
+        self._data_writes = 0  # file data writes issued (ordered data) ...
+        self._data_flushed = 0  # ... and how many of them the last FLUSH covered
+        self.recovery: Recovery | None = None  # what mount replayed
         self.balloc = BitmapAllocator(
             self.cache, sb.block_bitmap_start, sb.block_bitmap_blocks, sb.block_count, BlockType.BLOCK_BITMAP,
             "block",
@@ -176,6 +190,9 @@ class FileSystem:
             "inode",
         )
         self.journal.abort_hooks += [self.balloc.recount, self.ialloc.recount]
+        self.balloc.defer_frees = self.journal.enabled
+        self.journal.pressure.append(self.balloc.short_of_space)
+        self.journal.after_commit += [self.balloc.frees_committed, self._checkpointed]
         self.inodes = InodeStore(sb, self.cache, self.journal, self.balloc, self.ialloc)
         self.dirs = Directories(self.inodes, sb.hash_seed)
         self._open: dict[int, int] = {}
@@ -186,14 +203,22 @@ class FileSystem:
 
     # ------------------------------------------------------------------------ mount / unmount
     @classmethod
-    def mount(cls, dev: BlockDevice, *, read_only: bool = False, require_clean: bool = False) -> FileSystem:
+    def mount(
+        cls, dev: BlockDevice, *, read_only: bool = False, require_clean: bool = False,
+        journaling: bool | None = None,
+    ) -> FileSystem:
         """Read and check the superblock (falling back to the backup), then mount.
 
         Raises:
             Corrupt: no valid superblock, or the device is smaller than the filesystem.
             NotSupported: unknown incompatible features (or ro-compatible ones for a writable mount).
-            NeedsCheck: ``require_clean`` and the image is not marked clean or has ``STATE_ERRORS``.
-        Nothing is written unless every check passed and the mount is writable.
+            NeedsCheck: ``require_clean`` and the image is not marked clean or has ``STATE_ERRORS``;
+                or the journal needs replay and the device is read-only.
+        Nothing is written unless every check passed and the mount is writable — except journal replay
+        (§8.3), which runs whenever the journal is live and the device is writable (as ext4 does, even
+        for a read-only mount); ``require_clean`` refuses before that, writing nothing.  Orphans (§4.5)
+        are freed at a writable mount.  ``journaling=False`` (or ``SOVFS_JOURNAL=0``) is the debug
+        switch for cost comparisons: metadata is written in place per operation, no crash guarantees.
         """
         raw = dev.pread(SB_OFFSET, SB_SIZE)
         try:
@@ -223,17 +248,60 @@ class FileSystem:
         if require_clean and (not sb.state & STATE_CLEAN or sb.state & STATE_ERRORS):
             why = "has errors" if sb.state & STATE_ERRORS else "was not cleanly unmounted"
             raise NeedsCheck(f"filesystem {why}; run fsck.sovfs")
+        if journaling is None:
+            journaling = os.environ.get("SOVFS_JOURNAL", "1") != "0"
+        rec = recover(dev, sb, dry_run=True)
+        if rec.needed:
+            if dev.read_only:
+                raise NeedsCheck("the journal needs replay and the device is read-only; run fsck.sovfs")
+            rec = recover(dev, sb)
+        try:
+            jseq = journal_state(dev, sb).sequence
+        except Corrupt:
+            if not read_only:
+                raise
+            jseq = 1
         read_only = read_only or dev.read_only
-        fs = cls(dev, sb, read_only=read_only)
+        fs = cls(dev, sb, read_only=read_only, journal_sequence=jseq, journaling=journaling)
+        fs.recovery = rec if rec.needed else None
         if not read_only:
             sb.state &= ~STATE_CLEAN
             sb.mount_count += 1
             sb.mount_time_ns = time.time_ns()
+            if fs.journal.enabled:
+                sb.incompat |= INCOMPAT_RECOVER
             fs._write_sb()
+            fs.journal.open_log()
+            fs.dev.flush()
+            fs._reclaim_orphans()
         return fs
+
+    def _reclaim_orphans(self) -> None:
+        """§4.5: free every inode on the on-disk orphan list (unlinked while open before a crash)."""
+        ino, seen = self.sb.orphan_head, 0
+        if not ino:
+            return
+        with self.journal.op() as tx:
+            while ino and seen <= self.sb.inode_count:
+                if not 0 < ino < self.sb.inode_count:
+                    raise Corrupt(f"orphan list: inode {ino} out of range")
+                rec = self.inodes.get(ino)
+                nxt = rec.inode.parent
+                if not rec.inode.is_free and rec.inode.nlink == 0:
+                    self.inodes.free(tx, rec)
+                ino, seen = nxt, seen + 1
+            self.journal.set_orphan_head(0)
+        self.journal.commit()
+
+    def _checkpointed(self) -> None:
+        """After a commit: the superblock gets the committed orphan head and the free counts."""
+        self._committed_orphan_head = self.journal.orphan_head
+        self._data_flushed = self._data_writes
+        self._write_sb()
 
     def _write_sb(self) -> None:
         sb = self.sb
+        sb.orphan_head = self._committed_orphan_head
         sb.free_blocks = self.balloc.free
         sb.free_inodes = self.ialloc.free
         sb.write_time_ns = time.time_ns()
@@ -241,19 +309,32 @@ class FileSystem:
         self.dev.pwrite(SB_OFFSET, sb.pack())
 
     def sync(self) -> None:
-        """Superblock counters to the device, then a device FLUSH: everything committed is durable."""
-        if not self.read_only:
-            self._write_sb()
-        self.dev.flush()
+        """Commit the running transaction: everything done so far is durable when this returns."""
+        if self.read_only:
+            self.dev.flush()
+            return
+        if not self.journal.commit():
+            if not self.journal.enabled:
+                self._write_sb()
+            self._data_flushed = self._data_writes
+            self.dev.flush()
 
     def fsync(self, ino: int, datasync: bool = False) -> None:
-        """fsync(2)/fdatasync(2) of ``ino``: data and metadata are already written (write-through
-        commits), so this is the device FLUSH that makes them durable. Raises NotFound for a free inode."""
+        """fsync(2)/fdatasync(2) of ``ino`` (group commit).
+
+        Commits the running transaction — which holds every operation so far, so all fsyncs waiting at
+        that moment share its one commit record and its flushes.  An fsync that finds nothing
+        uncommitted and no file data written since the last FLUSH returns at once (an earlier commit
+        already covered it).  Raises NotFound for a free inode.
+        """
         self._rec(ino)
-        if datasync or self.read_only:
+        if self.read_only:
+            return
+        if self.journal.dirty:
+            self.journal.commit()
+        elif self._data_writes != self._data_flushed or not self.journal.enabled:
+            self._data_flushed = self._data_writes
             self.dev.flush()
-        else:
-            self.sync()
 
     def fail(self, reason: str) -> bool:
         """Switch to failsafe mode: read-only from now on, ``STATE_ERRORS`` in the superblock (once).
@@ -274,12 +355,15 @@ class FileSystem:
         return True
 
     def close(self) -> None:
+        """Clean unmount: free orphans, commit, checkpoint, leave an empty journal (§8.3)."""
         if self.closed:
             return
         if not self.read_only:
             for ino in list(self._orphans):
                 self._free_if_unused(ino, force=True)
+            self.journal.close_log()
             self.sb.state |= STATE_CLEAN
+            self.sb.incompat &= ~INCOMPAT_RECOVER
             self._write_sb()
             self.dev.flush()
         self.closed = True
@@ -352,6 +436,7 @@ class FileSystem:
             if gid is not None:
                 i.gid = gid
             if size is not None and size != i.size:
+                self._data_writes += 1
                 self.inodes.truncate(tx, rec, size)
                 i.mtime_ns = now
             if atime_ns is not None:
@@ -542,6 +627,8 @@ class FileSystem:
             raise Corrupt("release outside a transaction")
         if self._in_use(rec.ino):
             self._orphans.add(rec.ino)
+            rec.inode.parent = self.journal.orphan_head  # §4.5: push on the on-disk orphan list
+            self.journal.set_orphan_head(rec.ino)
             self.inodes.put(txn, rec)
         else:
             self.inodes.free(txn, rec)
@@ -553,7 +640,24 @@ class FileSystem:
         if ino in self._orphans and (force or not self._in_use(ino)):
             self._orphans.discard(ino)
             with self.journal.op() as tx:
-                self.inodes.free(tx, self.inodes.get(ino))
+                rec = self.inodes.get(ino)
+                self._unlink_orphan(tx, rec)
+                self.inodes.free(tx, rec)
+
+    def _unlink_orphan(self, tx: Transaction, rec: InodeRec) -> None:
+        """Take ``rec`` off the on-disk orphan list (§4.5)."""
+        nxt = rec.inode.parent
+        cur, seen = self.journal.orphan_head, 0
+        if cur == rec.ino:
+            self.journal.set_orphan_head(nxt)
+            return
+        while cur and seen <= self.sb.inode_count:
+            prev = self.inodes.get(cur)
+            if prev.inode.parent == rec.ino:
+                prev.inode.parent = nxt
+                self.inodes.put(tx, prev)
+                return
+            cur, seen = prev.inode.parent, seen + 1
 
     def open(self, ino: int) -> None:
         """Count an open handle: an unlinked inode stays allocated until the last release."""
@@ -781,6 +885,7 @@ class FileSystem:
             raise FileTooBig_()
         now = time.time_ns()
         with self.journal.op() as tx:
+            self._data_writes += 1
             self.inodes.write(tx, rec, offset, data)
             self._touch(rec, now)
             self.inodes.put(tx, rec)

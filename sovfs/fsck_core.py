@@ -466,12 +466,19 @@ class Checker:
             self.add("JOURNAL_SB", str(e))
             self.journal_fix = JournalSuperblock(first=sb.journal_start, blocks=sb.journal_blocks)
             return
+        if (j.head != 0 or sb.incompat & INCOMPAT_RECOVER) and self.mode is not Mode.NO:
+            from sovfs.journal import recover  # the journaling layer owns replay (§8.3)
+
+            rep = recover(self.dev, sb)
+            self.add("JOURNAL_REPLAYED", f"journal replayed: {rep.transactions} transaction(s), "
+                     f"{rep.blocks} block(s) written home", hint=True).fixed = True
+            return
         if j.head != 0 or sb.incompat & INCOMPAT_RECOVER:
             self.add(
                 "JOURNAL_RECOVER",
                 f"the journal holds unreplayed transactions (head {j.head}, RECOVER "
-                f"{'set' if sb.incompat & INCOMPAT_RECOVER else 'clear'}); this fsck cannot replay it yet, "
-                "so nothing will be repaired",
+                f"{'set' if sb.incompat & INCOMPAT_RECOVER else 'clear'}); -n does not replay it, "
+                "so the metadata below may be stale",
                 fixable=False,
             )
 

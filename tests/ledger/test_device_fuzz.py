@@ -30,6 +30,8 @@ from ledger import _device_kernel as K
 from ledger._device_ref import serve_queue_ref
 from ledger.diagnostics import RING_CODES, harvest, new_diag_array
 
+_NO_WC = (np.zeros(K.W_HDR, np.int64), np.zeros(0, np.uint8), np.zeros(0, np.uint8))
+
 BASE = 0x8000_0000
 SIZE = 0x10000
 GUARD = 0x1000
@@ -181,12 +183,12 @@ def scenario(draw: st.DrawFn) -> Scenario:
 
 def run_compiled(s: Scenario) -> int:
     return int(K.serve_queue(s.mem, s.p, s.ctl, s.shared, np.full(1, -1, np.int64), s.diag, s.ram,
-                             np.zeros(20, np.uint8), np.zeros(4096, np.uint8)))
+                             np.zeros(20, np.uint8), np.zeros(4096, np.uint8), *_NO_WC))
 
 
 def run_twin(s: Scenario) -> int:
     return int(serve_queue_ref(s.mem, s.p, s.ctl, s.shared, np.full(1, -1, np.int64), s.diag, s.ram,
-                               np.zeros(20, np.uint8), np.zeros(4096, np.uint8)))
+                               np.zeros(20, np.uint8), np.zeros(4096, np.uint8), *_NO_WC))
 
 
 def writable_ranges(mem: np.ndarray, n: int) -> list[tuple[int, int]]:
