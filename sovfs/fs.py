@@ -212,11 +212,13 @@ class FileSystem:
         Raises:
             Corrupt: no valid superblock, or the device is smaller than the filesystem.
             NotSupported: unknown incompatible features (or ro-compatible ones for a writable mount).
-            NeedsCheck: ``require_clean`` and the image is not marked clean or has ``STATE_ERRORS``;
-                or the journal needs replay and the device is read-only.
+            NeedsCheck: ``require_clean`` and the image has ``STATE_ERRORS``, or was not cleanly
+                unmounted while the journal was off; or the journal needs replay and the device is
+                read-only.
         Nothing is written unless every check passed and the mount is writable — except journal replay
         (§8.3), which runs whenever the journal is live and the device is writable (as ext4 does, even
-        for a read-only mount); ``require_clean`` refuses before that, writing nothing.  Orphans (§4.5)
+        for a read-only mount); a ``require_clean`` refusal comes before that and writes nothing.
+        Orphans (§4.5)
         are freed at a writable mount.  ``journaling=False`` (or ``SOVFS_JOURNAL=0``) is the debug
         switch for cost comparisons: metadata is written in place per operation, no crash guarantees.
         """
@@ -245,8 +247,13 @@ class FileSystem:
             raise NotSupported(why)
         if sb.block_count * sb.block_size > dev.size:
             raise Corrupt(f"superblock: {sb.block_count} blocks, device holds {dev.size // sb.block_size}")
-        if require_clean and (not sb.state & STATE_CLEAN or sb.state & STATE_ERRORS):
-            why = "has errors" if sb.state & STATE_ERRORS else "was not cleanly unmounted"
+        if require_clean and (
+            sb.state & STATE_ERRORS or not (sb.state & STATE_CLEAN or sb.incompat & INCOMPAT_RECOVER)
+        ):
+            # An unclean stop with the journal live is what the journal is for: replay and
+            # mount (as ext4 does).  Recorded errors, or an unclean stop without a journal
+            # (the journaling=False debug switch), need fsck.
+            why = "has errors" if sb.state & STATE_ERRORS else "was not cleanly unmounted and has no journal"
             raise NeedsCheck(f"filesystem {why}; run fsck.sovfs")
         if journaling is None:
             journaling = os.environ.get("SOVFS_JOURNAL", "1") != "0"
