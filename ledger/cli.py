@@ -200,6 +200,76 @@ def cmd_diag(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _parse_trace(path: str) -> list[tuple[str, int, bytes]]:
+    """Read a power-cut trace: ``write SECTOR TEXT``, ``writefile SECTOR PATH``,
+    ``fill SECTOR COUNT BYTE``, ``flush``; ``#`` starts a comment."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise UsageError(f"{path}: {e.strerror}") from None
+    ops: list[tuple[str, int, bytes]] = []
+    for no, line in enumerate(lines, 1):
+        words = line.split("#", 1)[0].split(None, 2)
+        if not words:
+            continue
+        try:
+            if words[0] == "flush" and len(words) == 1:
+                ops.append(("flush", 0, b""))
+            elif words[0] == "write" and len(words) == 3:
+                ops.append(("write", int(words[1]), _pad(words[2].encode())))
+            elif words[0] == "writefile" and len(words) == 3:
+                ops.append(("write", int(words[1]), _pad(Path(words[2]).read_bytes())))
+            elif words[0] == "fill" and len(words) == 3:
+                count, byte = words[2].split()
+                ops.append(("write", int(words[1]), bytes([int(byte, 0)]) * (512 * int(count))))
+            else:
+                raise ValueError("unknown operation")
+        except (ValueError, OSError) as e:
+            raise UsageError(f"{path}:{no}: cannot read {line.strip()!r} ({e})") from None
+    return ops
+
+
+def _pad(data: bytes) -> bytes:
+    return data + bytes(-len(data) % 512) if data else bytes(512)
+
+
+def cmd_powercut(args: argparse.Namespace) -> int:
+    from .backend import CrashBackend
+
+    src = Path(args.image)
+    if not src.exists():
+        raise UsageError(f"{args.image}: no such image")
+    size = src.stat().st_size
+    if size <= 0 or size % 512:
+        raise UsageError(f"image {args.image!r} is {size} bytes, not a positive multiple of 512")
+    ops = _parse_trace(args.trace)
+    backend = CrashBackend(image=src.read_bytes())
+    done = 0
+    with Ledger.crash(backend) as ledger:
+        start = backend.requests  # the ledger's own start-up request is not part of the trace
+        if args.cut_after is not None:
+            backend.cut_after(args.cut_after)
+        blk = ledger.sync()
+        for op, sector, data in ops:
+            try:
+                if op == "flush":
+                    blk.flush()
+                else:
+                    _check_sectors(ledger, sector, len(data) // 512)
+                    blk.write(sector, data)
+            except IOFailure:
+                break  # the power is off: nothing after this reaches the disk
+            done += 1
+    image = backend.power_cut(args.seed)
+    Path(args.out).write_bytes(image.tobytes())
+    used = backend.requests - start
+    cut = used if args.cut_after is None else args.cut_after
+    print(f"{done} of {len(ops)} operations completed before the power cut ({used} requests)")
+    print(f"loss: {backend.last_loss}")
+    print(f"wrote {args.out}; replay with --seed {args.seed} --cut-after {cut}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ledger",
@@ -236,6 +306,23 @@ def build_parser() -> argparse.ArgumentParser:
     image_opt(i)
     i.add_argument("--read-only", action="store_true", help="open the image read-only (the device offers RO)")
     i.set_defaults(func=cmd_info)
+    pc = sub.add_parser(
+        "powercut",
+        help="run a write trace on a simulated disk with a volatile cache, cut the power, save the result",
+        description="Loads IMAGE onto a simulated disk with a volatile write cache (CONFIG_WCE), runs the "
+        "trace through the driver, cuts the power after N requests (or at the end), and writes the image "
+        "a power loss leaves: flushed writes always survive; each unflushed one is lost, kept or torn at "
+        "512-byte sectors, in order or shuffled, all decided by --seed. Trace lines: `write SECTOR TEXT`, "
+        "`writefile SECTOR PATH`, `fill SECTOR COUNT BYTE`, `flush`; `#` comments. The whole image is "
+        "held in memory.",
+    )
+    image_opt(pc)
+    pc.add_argument("--trace", required=True, help="the operations to run")
+    pc.add_argument("--cut-after", type=int, default=None, help="requests admitted before the power goes")
+    pc.add_argument("--seed", type=int, default=0, help="decides the loss pattern (default 0)")
+    pc.add_argument("--out", required=True, help="where to write the post-crash image")
+    pc.set_defaults(func=cmd_powercut)
+
     dg = sub.add_parser(
         "diag",
         help="print the driver errors the device recorded for an image (or --selftest)",
