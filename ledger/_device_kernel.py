@@ -44,9 +44,9 @@ Each pass of the loop:
 4. complete the batch in the configured order (fifo / reverse / seeded
    shuffle): status bytes and used elements, then one release-store of
    ``used->idx``, then the interrupt decision.
-5. when there is no work: spin on ``avail->idx`` for an adaptive window (at
-   most ``spin_ns``: doubled when work arrives while polling, halved when a
-   poll runs dry, never below 4 µs), then re-arm
+5. when there is no work: spin on ``avail->idx`` for an adaptive window (4 µs
+   to ``spin_ns``: doubled after a sleep shorter than ``spin_ns``, halved
+   after a longer one, as QEMU's aio-poll), then re-arm
    kicks, fence, re-check, and block in ``read(kick_fd)``.
 
 In single-pass mode (``p[P_SINGLE_PASS]``) step 5 returns instead, which makes
@@ -880,11 +880,12 @@ def serve_queue(
     no_notify = False
     idle_since = monotonic_ns()
     spins = 0
-    # Adaptive polling (as QEMU's aio-poll grows and shrinks its window): the
-    # window doubles when work arrives while polling and halves when a poll runs
-    # dry, so a busy queue stays hot and a trickle of requests costs no CPU.
+    # Adaptive polling, as QEMU's aio-poll does it: after each sleep, look at how
+    # long it lasted.  Work that came less than `spin_ns` after we gave up would
+    # have been caught by a longer poll: double the window.  A sleep longer than
+    # `spin_ns` means polling there would only have burnt CPU: halve it.  A busy
+    # queue stays hot; a trickle of requests costs no CPU.
     window = spin_ns // 4
-    spun = False
     while True:
         if load_acquire_u64(ctl, C_STOP * 8) != 0:
             break
@@ -901,7 +902,6 @@ def serve_queue(
                 break
             now = monotonic_ns()
             if now - idle_since < window:
-                spun = True
                 spins += 1
                 if (spins & 63) == 0:
                     # More busy threads than cores: the driver we wait for may be
@@ -926,16 +926,15 @@ def serve_queue(
                 idle_since = now
                 continue
             ctl[C_SLEEPS] += 1
-            window = max(SPIN_MIN_NS, window // 2)
-            spun = False
             r = c_read(np.int32(p[P_KICK_FD]), address_of(kbuf, 0), np.uint64(8))
             if r < 0 and np.int64(errno()) != EINTR:
                 break  # kick fd closed: nothing can wake us any more
             idle_since = monotonic_ns()
+            if idle_since - now <= spin_ns:
+                window = min(spin_ns, window * 2)
+            else:
+                window = max(SPIN_MIN_NS, window // 2)
             continue
-        if spun:
-            window = min(spin_ns, window * 2)
-            spun = False
         # pop the batch
         n = 0
         broken = False
