@@ -33,10 +33,10 @@ Exit status: 0 all targets and jobs ran, 1 some target or job failed (the others
 
 from __future__ import annotations
 
+import abc
 import argparse
 import contextlib
 import ctypes
-import fcntl
 import json
 import os
 import platform
@@ -420,20 +420,9 @@ def fuse_unmount(mnt: Path) -> None:
 
 def image_idle(img: Path, timeout: float) -> bool:
     """Wait until no daemon holds the image's flock (mount.sovfs releases it after closing clean)."""
-    deadline = time.monotonic() + timeout
-    fd = os.open(img, os.O_RDONLY)
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                return True
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    return False
-                time.sleep(0.05)
-    finally:
-        os.close(fd)
+    from sovfs.mount import wait_image_released
+
+    return wait_image_released(img, timeout)
 
 
 def pid_gone(pid: int, timeout: float) -> bool:
@@ -462,7 +451,7 @@ class TargetError(Exception):
     pass
 
 
-class Target:
+class Target(abc.ABC):
     name = "?"
     fuse = True
 
@@ -484,17 +473,20 @@ class Target:
         self.work.mkdir(parents=True, exist_ok=True)
         self.mnt.mkdir(exist_ok=True)
 
+    @abc.abstractmethod
     def mount(self) -> None:
-        raise NotImplementedError
+        """Make the target's filesystem available at :attr:`root`."""
 
+    @abc.abstractmethod
     def unmount(self) -> None:
-        raise NotImplementedError
+        """Undo :meth:`mount`; never raises."""
 
     def alive(self) -> bool:
         return not self.fuse or is_mounted(self.mnt)
 
     def integrity(self) -> None:
-        """An offline check of the image after unmount (fills self.check)."""
+        """An offline check of the image after unmount (fills self.check); the host has none."""
+        self.check = ""
 
     def _run(self, *args: str, timeout: float = 600, env: dict[str, str] | None = None) -> None:
         r = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, env=env, check=False)

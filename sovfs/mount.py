@@ -31,6 +31,7 @@ import logging.handlers
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -406,6 +407,29 @@ class _Daemon:
                     await pyfuse3.main(max_tasks=o.max_tasks)
             finally:
                 nursery.cancel_scope.cancel()
+
+
+def wait_image_released(image: str | os.PathLike[str], timeout: float = 30) -> bool:
+    """Wait until no daemon holds ``image``'s lock; True if released within ``timeout`` seconds.
+
+    A daemon releases the lock last, after it has closed the image clean, so this
+    is the way to know that an unmount has finished writing (``umount`` returns
+    before the daemon is done).
+    """
+    deadline = time.monotonic() + timeout
+    fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                return True
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.05)
+    finally:
+        os.close(fd)
 
 
 def _child(o: MountOptions, ready_fd: int | None) -> int:

@@ -9,17 +9,17 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from sovfs.mount import wait_image_released
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -67,20 +67,7 @@ def fsck(img: Path, *flags: str) -> subprocess.CompletedProcess:
 
 def image_idle(img: Path, timeout: float = 30) -> bool:
     """Wait until no daemon holds the image lock (it releases it after closing the image clean)."""
-    deadline = time.monotonic() + timeout
-    fd = os.open(img, os.O_RDONLY)
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                return True
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    return False
-                time.sleep(0.05)
-    finally:
-        os.close(fd)
+    return wait_image_released(img, timeout)
 
 
 class Mount:
