@@ -409,7 +409,8 @@ class SyncBlk:
                         os.read(fd, 8)
                 e.check_device()
             for q in busy:
-                K.set_interrupts(e.mem, q.q, False)
+                if not q.sleepers:  # a trio reaper asleep on this queue needs them armed
+                    K.set_interrupts(e.mem, q.q, False)
                 e.harvest(q)
         self._done.discard(g)
 
@@ -760,10 +761,15 @@ class TrioBlk:
             if K.set_interrupts(mem, q.q, True):
                 K.set_interrupts(mem, q.q, False)
                 continue
-            await trio.lowlevel.wait_readable(q.interrupt_fd)
+            q.sleepers += 1
+            try:
+                await trio.lowlevel.wait_readable(q.interrupt_fd)
+            finally:
+                q.sleepers -= 1
             with contextlib.suppress(BlockingIOError):
                 os.read(q.interrupt_fd, 8)
-            K.set_interrupts(mem, q.q, False)
+            if not q.sleepers:
+                K.set_interrupts(mem, q.q, False)
             e.check_device()
             self._reap(q)
 

@@ -216,6 +216,9 @@ class DriverQueue:
     state: QueueState
     notify_fd: int
     interrupt_fd: int
+    #: waiters asleep on ``interrupt_fd`` (a reaper task): while there is one, nobody
+    #: else may suppress completion interrupts, or that waiter would never wake
+    sleepers: int = 0
 
     @property
     def q(self) -> npt.NDArray[np.int64]:
