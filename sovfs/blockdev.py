@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from ledger._machine import Ledger
 from ledger._spec import VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES
@@ -118,14 +118,16 @@ class LedgerBlockDevice:
             self.ledger.close()
 
 
-def open_block_device(path: str, read_only: bool = False) -> LedgerBlockDevice:
+def open_block_device(path: str, read_only: bool = False, **ledger_options: Any) -> LedgerBlockDevice:
     """Open the image file at ``path`` through the ledger driver.
+
+    ``ledger_options`` go to :meth:`ledger.Ledger.open` (queues, polling windows).
 
     Raises:
         ledger.backend.BackendError: the file is missing, unreadable, or not a
             whole number of 512-byte sectors.
     """
-    return LedgerBlockDevice(Ledger.open(path, read_only=read_only))
+    return LedgerBlockDevice(Ledger.open(path, read_only=read_only, **ledger_options))
 
 
 def ram_block_device(nbytes: int) -> LedgerBlockDevice:
