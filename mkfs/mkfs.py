@@ -111,7 +111,7 @@ def main(
     except UsageError as e:
         print(f"mkfs.sovfs: {e}", file=err)
         return EXIT_USAGE
-    except (OSError, ValueError, NotImplementedError) as e:
+    except (OSError, ValueError) as e:
         print(f"mkfs.sovfs: {a.image}: cannot open: {e}", file=err)
         _remove_if_created(a.image, existed)
         return EXIT_ERROR
