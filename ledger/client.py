@@ -428,55 +428,17 @@ class SyncBlk:
         self._wait(g)
         return g
 
-    def _window(self, nbytes: int) -> int:
+    def _window(self) -> int:
+        """A quarter of the buffer pool (at least one request); a vectored call keeps up to twice this in flight."""
         return max(self.e.max_request, min(8 << 20, (self.e.pool.end - self.e.pool.base) // 4))
 
     def read(self, sector: int, nsectors: int) -> bytes:
         """Read ``nsectors`` 512-byte sectors starting at ``sector``."""
-        e = self.e
-        e.check_range(sector, nsectors, False)
-        total = nsectors * SECTOR
-        out = bytearray(total)
-        dst = memoryview(out)
-        win = self._window(total)
-        for w0 in range(0, total, win):
-            pieces = e.split(sector + w0 // SECTOR, min(win, total - w0))
-            bufs: list[int] = []
-            try:
-                bufs.extend(self._alloc(n) for _, n in pieces)
-                g = self._run([(S.VIRTIO_BLK_T_IN, s, b, n) for (s, n), b in zip(pieces, bufs, strict=True)])
-                e.raise_for(g, S.VIRTIO_BLK_T_IN, [s for s, _ in pieces])
-                pos = w0
-                for (_, n), b in zip(pieces, bufs, strict=True):
-                    dst[pos : pos + n] = e.pool.view(b, n).data
-                    pos += n
-            finally:
-                for (_, n), b in zip(pieces, bufs, strict=False):
-                    e.pool.free(b, n)
-        return bytes(out)
+        return self.readv([(sector, nsectors)])[0]
 
     def write(self, sector: int, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` (a whole number of sectors) starting at ``sector``."""
-        e = self.e
-        src = np.frombuffer(data, dtype=np.uint8)
-        if len(src) % SECTOR:
-            raise DriverError(f"write of {len(src)} bytes is not a whole number of 512-byte sectors")
-        e.check_range(sector, len(src) // SECTOR, True)
-        win = self._window(len(src))
-        for w0 in range(0, len(src), win):
-            pieces = e.split(sector + w0 // SECTOR, min(win, len(src) - w0))
-            bufs: list[int] = []
-            try:
-                bufs.extend(self._alloc(n) for _, n in pieces)
-                pos = w0
-                for (_, n), b in zip(pieces, bufs, strict=True):
-                    e.pool.view(b, n)[:] = src[pos : pos + n]
-                    pos += n
-                g = self._run([(S.VIRTIO_BLK_T_OUT, s, b, n) for (s, n), b in zip(pieces, bufs, strict=True)])
-                e.raise_for(g, S.VIRTIO_BLK_T_OUT, [s for s, _ in pieces])
-            finally:
-                for (_, n), b in zip(pieces, bufs, strict=False):
-                    e.pool.free(b, n)
+        self.writev([(sector, data)])
 
     def readv(self, requests: Sequence[tuple[int, int]]) -> list[bytes]:
         """Read many (sector, nsectors) ranges with all requests in flight at once."""
@@ -489,7 +451,7 @@ class SyncBlk:
         done = 0
         while done < len(pieces):
             chunk: list[tuple[int, int, int, int]] = []
-            budget = self._window(0) * 2
+            budget = self._window() * 2
             while done + len(chunk) < len(pieces) and (not chunk or budget > 0):
                 i, s, b = pieces[done + len(chunk)]
                 gpa = self.e.pool.alloc(b)
@@ -526,7 +488,7 @@ class SyncBlk:
         done = 0
         while done < len(pieces):
             chunk: list[tuple[int, int, int]] = []
-            budget = self._window(0) * 2
+            budget = self._window() * 2
             while done + len(chunk) < len(pieces) and (not chunk or budget > 0):
                 s, b, src = pieces[done + len(chunk)]
                 gpa = e.pool.alloc(b)
@@ -798,27 +760,7 @@ class TrioBlk:
                 return e.pool.view(gpa, total).tobytes()
             finally:
                 self._free(gpa, total)
-        out = bytearray(total)
-        dst = memoryview(out)
-        win = max(e.max_request, 8 << 20)
-        for w0 in range(0, total, win):
-            part = e.split(sector + w0 // SECTOR, min(win, total - w0))
-            bufs: list[int] = []
-            try:
-                for _, n in part:
-                    bufs.append(await self._alloc(n))
-                g = await self._submit_group(
-                    [(S.VIRTIO_BLK_T_IN, s, b, n) for (s, n), b in zip(part, bufs, strict=True)]
-                )
-                e.raise_for(g, S.VIRTIO_BLK_T_IN, [s for s, _ in part])
-                pos = w0
-                for (_, n), b in zip(part, bufs, strict=True):
-                    dst[pos : pos + n] = e.pool.view(b, n).data
-                    pos += n
-            finally:
-                for (_, n), b in zip(part, bufs, strict=False):
-                    self._free(b, n)
-        return bytes(out)
+        return (await self.readv([(sector, nsectors)]))[0]
 
     async def write(self, sector: int, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` (whole sectors) at ``sector``."""
