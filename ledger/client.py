@@ -429,7 +429,9 @@ class SyncBlk:
         return g
 
     def _window(self) -> int:
-        """A quarter of the buffer pool (at least one request); a vectored call keeps up to twice this in flight."""
+        """A quarter of the buffer pool (at least one request).
+
+        A vectored call keeps up to twice this in flight per round."""
         return max(self.e.max_request, min(8 << 20, (self.e.pool.end - self.e.pool.base) // 4))
 
     def read(self, sector: int, nsectors: int) -> bytes:
