@@ -229,30 +229,27 @@ def test_kernels_match_twins(n, indirect, event_idx, rounds, start_idx) -> None:
         assert qs.q[K.Q_INFLIGHT] == len(inflight)
 
 
+def submit_one_read(mem: GuestMemory, qs: QueueState, data: int, nbytes: int) -> int:
+    """Publish one IN request of ``nbytes`` into ``data`` (group 0); return how many went (0 or 1)."""
+    return int(K.submit_requests(
+        mem.array, qs.q, qs.free_next, qs.chain_next, qs.head_ndesc, qs.head_group, qs.head_gidx,
+        np.zeros(1, np.uint32), np.zeros(1, np.uint64), np.full(1, data, np.uint64),
+        np.full(1, nbytes, np.int64), np.zeros(1, np.int32), np.zeros(1, np.int32), 0, 1, -1, qs.kick_buf,
+    ))  # fmt: skip
+
+
+def harvest_into(mem: GuestMemory, qs: QueueState, grp: list[np.ndarray], out: np.ndarray) -> int:
+    return int(K.harvest(
+        mem.array, qs.q, qs.free_next, qs.chain_next, qs.head_ndesc, qs.head_group, qs.head_gidx, *grp, out
+    ))  # fmt: skip
+
+
 @pytest.mark.parametrize("bad", ["range", "not_head", "jump"])
 def test_harvest_refuses_a_lying_device(bad: str) -> None:
     mem, qs, data = make(8, True, True)
     a = mem.array
     one = np.ones(1, np.int32)
-    sub = K.submit_requests(
-        a,
-        qs.q,
-        qs.free_next,
-        qs.chain_next,
-        qs.head_ndesc,
-        qs.head_group,
-        qs.head_gidx,
-        np.zeros(1, np.uint32),
-        np.zeros(1, np.uint64),
-        np.full(1, data, np.uint64),
-        np.full(1, 512, np.int64),
-        np.zeros(1, np.int32),
-        np.zeros(1, np.int32),
-        0,
-        1,
-        -1,
-        qs.kick_buf,
-    )
+    sub = submit_one_read(mem, qs, data, 512)
     assert sub == 1
     used = mem.offset(qs.used_gpa, 1)
     head = int(np.nonzero(qs.head_ndesc)[0][0])
@@ -265,17 +262,7 @@ def test_harvest_refuses_a_lying_device(bad: str) -> None:
     else:
         struct.pack_into("<H", a, used + 2, 5)
     grp = [one.copy(), np.zeros(1, np.int32), np.zeros(1, np.int32), np.zeros(1, np.int64)]
-    got = K.harvest(
-        a,
-        qs.q,
-        qs.free_next,
-        qs.chain_next,
-        qs.head_ndesc,
-        qs.head_group,
-        qs.head_gidx,
-        *grp,
-        np.zeros(8, np.int32),
-    )
+    got = harvest_into(mem, qs, grp, np.zeros(8, np.int32))
     assert got == -1
     expected = {"range": K.E_USED_ID_RANGE, "not_head": K.E_USED_NOT_HEAD, "jump": K.E_USED_IDX_JUMP}[bad]
     assert qs.q[K.Q_ERROR] == expected
@@ -286,34 +273,14 @@ def test_harvest_refuses_a_lying_device(bad: str) -> None:
 def test_missing_status_byte_is_an_error_not_success() -> None:
     mem, qs, data = make(8, False, False)
     a = mem.array
-    K.submit_requests(
-        a,
-        qs.q,
-        qs.free_next,
-        qs.chain_next,
-        qs.head_ndesc,
-        qs.head_group,
-        qs.head_gidx,
-        np.zeros(1, np.uint32),
-        np.zeros(1, np.uint64),
-        np.full(1, data, np.uint64),
-        np.full(1, 4096, np.int64),
-        np.zeros(1, np.int32),
-        np.zeros(1, np.int32),
-        0,
-        1,
-        -1,
-        qs.kick_buf,
-    )
+    assert submit_one_read(mem, qs, data, 4096) == 1
     head = int(np.nonzero(qs.head_ndesc)[0][0])
     used = mem.offset(qs.used_gpa, 1)
     struct.pack_into("<II", a, used + 4, head, 4097)
     struct.pack_into("<H", a, used + 2, 1)
     grp = [np.ones(1, np.int32), np.zeros(1, np.int32), np.zeros(1, np.int32), np.zeros(1, np.int64)]
     out = np.zeros(8, np.int32)
-    got = K.harvest(
-        a, qs.q, qs.free_next, qs.chain_next, qs.head_ndesc, qs.head_group, qs.head_gidx, *grp, out
-    )
+    got = harvest_into(mem, qs, grp, out)
     assert got == 1 and out[0] == 0
     assert grp[1][0] == 1  # IOERR recorded for the group
     assert qs.q[K.Q_ERROR] == K.E_NO_STATUS
