@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 A :class:`BitmapAllocator` owns one bitmap region (block bitmap or inode bitmap).  Bits live only in the
 cached bitmap blocks; every change is made inside a transaction and dirties the bitmap block.  Searches
-use numpy over a whole bitmap block at a time, never a per-bit Python loop.
+run in Numba kernels over the packed bytes of a bitmap block (:mod:`sovfs._bitmap`), never a per-bit
+Python loop.
 
 Block allocation is extent-friendly: :meth:`alloc_run` looks for a free run of the wanted length starting
 at a *goal* (the block after the file's previous extent), takes the first run that is long enough, and
@@ -18,12 +19,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from sovfs import _bitmap
 from sovfs.cache import Buf, BufferCache
 from sovfs.errors import Corrupt, NoSpace
 from sovfs.format import HEADER_SIZE, BlockType, bits_per_bitmap_block
 from sovfs.journal import Transaction
 
 __all__ = ["BitmapAllocator"]
+
+_NO_PENDING = np.zeros(0, np.uint8)
 
 
 class BitmapAllocator:
@@ -43,7 +47,7 @@ class BitmapAllocator:
         self.releases = 0
         #: journaled block allocator: items freed by the running transaction stay unallocatable until it
         #: commits (a block freed in memory must not receive file data while the on-disk state still
-        #: has it in use); bitmap block index -> mask of pending bits
+        #: has it in use); bitmap block index -> packed mask of pending bits (the bitmap's layout)
         self.defer_frees = False
         self._pending: dict[int, np.ndarray] = {}
         self.pending_count = 0
@@ -52,11 +56,9 @@ class BitmapAllocator:
     def _buf(self, k: int) -> Buf:
         return self.cache.read(self.start + k, self.btype, 0, 0)
 
-    def _bits(self, k: int) -> np.ndarray:
-        arr = np.frombuffer(self._buf(k).data, dtype=np.uint8, offset=HEADER_SIZE)
-        bits = np.unpackbits(arr, bitorder="little")
-        pend = self._pending.get(k)
-        return bits | pend if pend is not None else bits
+    def _packed(self, k: int) -> np.ndarray:
+        """Block ``k``'s bits as a writable view of the cached block (changes need ``tx.dirty``)."""
+        return np.frombuffer(self._buf(k).data, dtype=np.uint8, offset=HEADER_SIZE)
 
     def frees_committed(self) -> None:
         """The running transaction is durable: the items it freed may be reused."""
@@ -71,7 +73,7 @@ class BitmapAllocator:
         bufs = self.cache.read_many([self.start + k for k in range(self.nblocks)], self.btype)
         used = 0
         for b in bufs:
-            used += int(np.unpackbits(np.frombuffer(b.data, dtype=np.uint8, offset=HEADER_SIZE)).sum())
+            used += int(_bitmap.count_set(np.frombuffer(b.data, dtype=np.uint8, offset=HEADER_SIZE)))
         self.free = self.nblocks * self.bpb - used
 
     def is_used(self, item: int) -> bool:
@@ -84,18 +86,14 @@ class BitmapAllocator:
             k, r = divmod(start, self.bpb)
             n = min(count, self.bpb - r)
             buf = self._buf(k)
-            arr = np.frombuffer(buf.data, dtype=np.uint8, offset=HEADER_SIZE)
-            bits = np.unpackbits(arr, bitorder="little")
-            seg = bits[r : r + n]
-            if (value and seg.any()) or (not value and not seg.all()):
+            packed = np.frombuffer(buf.data, dtype=np.uint8, offset=HEADER_SIZE)
+            if not _bitmap.set_range(packed, r, n, value):
                 raise Corrupt(f"{self.what} bitmap: double {'allocation' if value else 'free'} at {start}")
-            bits[r : r + n] = 1 if value else 0
-            buf.data[HEADER_SIZE:] = np.packbits(bits, bitorder="little").tobytes()
             if not value and self.defer_frees:
                 pend = self._pending.get(k)
                 if pend is None:
-                    pend = self._pending[k] = np.zeros(self.bpb, np.uint8)
-                pend[r : r + n] = 1
+                    pend = self._pending[k] = np.zeros(self.bpb // 8, np.uint8)
+                _bitmap.set_range(pend, r, n, True)  # pending bits are clear: the items were in use
                 self.pending_count += n
             tx.dirty(buf)
             self.free += -n if value else n
@@ -114,7 +112,8 @@ class BitmapAllocator:
     def find_run(self, goal: int, want: int) -> tuple[int, int]:
         """Find a free run: the first of length ≥ ``want`` at/after ``goal`` (wrapping), else the longest.
 
-        Returns (start, length) with length ≤ want. Raises NoSpace if nothing is free.
+        Runs never cross a bitmap block.  Returns (start, length) with length ≤ want.  Raises NoSpace
+        if nothing is free.
         """
         goal = goal if 0 <= goal < self.nbits else 0
         k0 = goal // self.bpb
@@ -123,21 +122,12 @@ class BitmapAllocator:
         if goal % self.bpb:
             order.append((k0, 0))
         for k, r0 in order:
-            bits = self._bits(k)[r0:]
-            if bits.all():
-                continue
-            z = np.concatenate(([0], (bits == 0).view(np.int8), [0]))
-            d = np.diff(z)
-            starts = np.flatnonzero(d == 1)
-            ends = np.flatnonzero(d == -1)
-            lens = ends - starts
-            ok = np.flatnonzero(lens >= want)
-            base = k * self.bpb + r0
-            if ok.size:
-                return base + int(starts[ok[0]]), want
-            i = int(lens.argmax())
-            if lens[i] > best[1]:
-                best = (base + int(starts[i]), int(lens[i]))
+            pend = self._pending.get(k, _NO_PENDING)
+            start, length = _bitmap.find_run(self._packed(k), pend, r0, self.bpb, want)
+            if length >= want:
+                return k * self.bpb + start, want
+            if length > best[1]:
+                best = (k * self.bpb + start, length)
         if best[1] == 0:
             raise NoSpace(f"no free {self.what}s")
         return best
