@@ -72,9 +72,11 @@ class Directories:
         node: DirNode = buf.parsed
         return node
 
-    def _store(self, tx: Transaction, d: InodeRec, lblock: int, node: DirNode) -> None:
+    def _store(
+        self, tx: Transaction, d: InodeRec, lblock: int, node: DirNode, body: bytes | None = None
+    ) -> None:
         buf = self._buf(d, lblock)
-        node.pack_into(buf.data)
+        node.pack_into(buf.data, body)
         buf.parsed = node
         tx.dirty(buf)
 
@@ -193,8 +195,9 @@ class Directories:
                node: DirNode) -> None:
         """Store ``node`` at path[depth], splitting upward as needed."""
         lblock = path[depth][0]
-        if node.used() <= self.cap:
-            self._store(tx, d, lblock, node)
+        body = node.body()
+        if len(body) <= self.cap:
+            self._store(tx, d, lblock, node, body)
             return
         left, right, sep = self._split(node)
         if depth == 0:  # root split: halves move out, root grows a level

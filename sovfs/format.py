@@ -21,6 +21,7 @@ Who may call it: anyone.  It performs no I/O and holds no state.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import struct
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from typing import NewType
 
 import crc32c as _crc32c
 
+from sovfs._siphash import siphash24_fast
 from sovfs.errors import Corrupt, InvalidArgument, NoSpace
 
 BlockNo = NewType("BlockNo", int)
@@ -605,8 +607,13 @@ class DirEntry:
     def size(self) -> int:
         return DIRENT_HDR_SIZE + len(self.name)
 
-    def pack(self) -> bytes:
+    @functools.cached_property
+    def raw(self) -> bytes:
+        """The packed entry, computed once: a leaf is repacked on every insert and removal."""
         return DIRENT_HDR.pack(self.key, self.ino, self.ftype, len(self.name)) + self.name
+
+    def pack(self) -> bytes:
+        return self.raw
 
 
 @dataclass(frozen=True)
@@ -614,8 +621,12 @@ class DirIndex:
     key: int
     child: int
 
-    def pack(self) -> bytes:
+    @functools.cached_property
+    def raw(self) -> bytes:
         return DIR_INDEX.pack(self.key, self.child, 0)
+
+    def pack(self) -> bytes:
+        return self.raw
 
 
 @dataclass
@@ -628,13 +639,19 @@ class DirNode:
 
     def used(self) -> int:
         if self.level == 0:
-            return sum(e.size for e in self.entries)
+            return len(self.body())
         return DIR_INDEX_SIZE * len(self.index)
 
-    def pack_into(self, buf: bytearray) -> None:
-        """Write the node body (header must already be initialised). Caller checks it fits."""
+    def body(self) -> bytes:
+        """The packed entries (or index records), in order."""
+        return b"".join([x.raw for x in (self.entries if self.level == 0 else self.index)])
+
+    def pack_into(self, buf: bytearray, body: bytes | None = None) -> None:
+        """Write the node (header must already be initialised); ``body`` if the caller has it already.
+        Caller checks it fits."""
         items = self.entries if self.level == 0 else self.index
-        body = b"".join(x.pack() for x in items)
+        if body is None:
+            body = self.body()
         DIR_NODE_HDR.pack_into(buf, HEADER_SIZE, self.level, len(items), len(body), 0)
         end = DIR_NODE_OFF + len(body)
         buf[DIR_NODE_OFF:end] = body
@@ -730,8 +747,12 @@ def siphash24(key: bytes, data: bytes) -> int:
 
 
 def name_hash_base(hash_seed: bytes, name: bytes) -> int:
-    """§6.2: the key of collision index 0: ``max(siphash24(seed, name) >> 9, 1) << 8``."""
-    return max(siphash24(hash_seed, name) >> 9, 1) << 8
+    """§6.2: the key of collision index 0: ``max(siphash24(seed, name) >> 9, 1) << 8``.
+
+    Computed by the Numba twin of :func:`siphash24` (:mod:`sovfs._siphash`), which every lookup,
+    create and unlink calls; :func:`siphash24` stays as the readable definition the tests compare with.
+    """
+    return max(siphash24_fast(hash_seed, name) >> 9, 1) << 8
 
 
 # --------------------------------------------------------------------------------------------------

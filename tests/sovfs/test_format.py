@@ -225,6 +225,13 @@ def test_siphash_reference_vector() -> None:
     assert F.siphash24(bytes(range(16)), b"") == 0x726FDB47DD0E0E31
 
 
+@given(st.binary(min_size=16, max_size=16), st.binary(max_size=300))
+def test_siphash_kernel_matches_reference(key: bytes, data: bytes) -> None:
+    from sovfs._siphash import siphash24_fast
+
+    assert siphash24_fast(key, data) == F.siphash24(key, data)
+
+
 @given(name=names, seed=st.binary(min_size=16, max_size=16))
 def test_name_hash_range(name: bytes, seed: bytes) -> None:
     k = F.name_hash_base(seed, name)
