@@ -20,6 +20,7 @@ data blocks + tree blocks + xattr block; a record dirtied in an aborted transact
 from __future__ import annotations
 
 import bisect
+import operator
 import os
 from dataclasses import dataclass, field
 
@@ -87,6 +88,9 @@ class InodeRec:
 
     def starts(self) -> list[int]:
         return [e.logical for e in self.extents]
+
+
+_logical = operator.attrgetter("logical")  # bisect key: extents are sorted by logical block
 
 
 class InodeStore:
@@ -270,7 +274,7 @@ class InodeStore:
         """Segments ``(logical, length, physical or None for a hole, unwritten)`` covering the range."""
         out: list[tuple[int, int, int | None, bool]] = []
         exts = rec.extents
-        i = max(bisect.bisect_right(rec.starts(), first) - 1, 0)
+        i = max(bisect.bisect_right(rec.extents, first, key=_logical) - 1, 0)
         pos, end = first, first + count
         while pos < end:
             if i < len(exts) and exts[i].end <= pos:
@@ -290,12 +294,18 @@ class InodeStore:
         return out
 
     def bmap(self, rec: InodeRec, lblock: int) -> int | None:
-        seg = self.map_range(rec, lblock, 1)[0]
-        return seg[2]
+        """Physical block of ``lblock``, None in a hole (map_range for one block, without the lists)."""
+        exts = rec.extents
+        i = bisect.bisect_right(exts, lblock, key=_logical) - 1
+        if i >= 0:
+            e = exts[i]
+            if lblock < e.logical + e.length:
+                return e.physical + (lblock - e.logical)
+        return None
 
     def _insert_extent(self, rec: InodeRec, new: Extent) -> None:
         exts = rec.extents
-        i = bisect.bisect_left(rec.starts(), new.logical)
+        i = bisect.bisect_left(rec.extents, new.logical, key=_logical)
         if i > 0:
             p = exts[i - 1]
             if (p.end == new.logical and p.physical + p.length == new.physical and p.flags == new.flags
