@@ -20,6 +20,7 @@ data blocks + tree blocks + xattr block; a record dirtied in an aborted transact
 from __future__ import annotations
 
 import bisect
+import operator
 import os
 from dataclasses import dataclass, field
 
@@ -48,6 +49,8 @@ from sovfs.format import (
 from sovfs.journal import Journal, Transaction
 
 __all__ = ["InodeRec", "InodeStore"]
+
+_LOGICAL = operator.attrgetter("logical")
 
 
 @dataclass
@@ -290,8 +293,18 @@ class InodeStore:
         return out
 
     def bmap(self, rec: InodeRec, lblock: int) -> int | None:
-        seg = self.map_range(rec, lblock, 1)[0]
-        return seg[2]
+        """Physical block of ``lblock`` (None for a hole; an unwritten extent still maps).
+
+        Every directory node visit calls this, so it bisects the extent list directly instead of
+        building ``map_range`` segments and a list of extent starts per call.
+        """
+        exts = rec.extents
+        i = bisect.bisect_right(exts, lblock, key=_LOGICAL) - 1
+        if i >= 0:
+            e = exts[i]
+            if lblock < e.logical + e.length:
+                return e.physical + (lblock - e.logical)
+        return None
 
     def _insert_extent(self, rec: InodeRec, new: Extent) -> None:
         exts = rec.extents
