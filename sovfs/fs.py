@@ -30,7 +30,7 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -691,6 +691,14 @@ class FileSystem:
         """Count ``n`` kernel lookups of ``ino`` (every entry a FUSE reply hands out)."""
         self._lookups[ino] = self._lookups.get(ino, 0) + n
 
+    def ref_many(self, inos: Iterable[int]) -> None:
+        """:meth:`ref` once for each of ``inos`` (the entries of one readdirplus reply, counted after
+        the reply was fully built so that a failed reply counts none)."""
+        lookups = self._lookups
+        get = lookups.get
+        for ino in inos:
+            lookups[ino] = get(ino, 0) + 1
+
     def forget(self, ino: int, n: int) -> None:
         """The kernel dropped ``n`` lookups: an unlinked inode nobody uses any more is freed now."""
         left = self._lookups.get(ino, 0) - n
@@ -839,6 +847,25 @@ class FileSystem:
             yield DirItem(b"..", d.inode.parent or ROOT_INO, 4, 2)
         for e in self.dirs.iterate(d, max(cookie, 3)):
             yield DirItem(e.name, e.ino, e.ftype, e.key + 1)
+
+    def readdir_plus(self, ino: int, cookie: int = 0) -> Iterator[tuple[bytes, Attr, int]]:
+        """:meth:`readdir` with each entry's attributes: ``(name, attr, next_cookie)`` (READDIRPLUS).
+
+        Same entries and cookies as :meth:`readdir` followed by :meth:`getattr` per entry, in one pass:
+        per leaf, the inode-table blocks of its not yet loaded inodes are read with one ``preadv``
+        before the entries are decoded, and no per-entry :class:`DirItem` is built.  Raises NotFound
+        (as getattr would) when an entry names a free or out-of-range inode.
+        """
+        d = self._dir(ino)
+        if cookie < 1:
+            yield b".", self._attr(d), 1
+        if cookie < 2:
+            yield b"..", self._attr(self._rec(d.inode.parent or ROOT_INO)), 2
+        attr, rec_of, prefetch = self._attr, self._rec, self.inodes.prefetch
+        for ents in self.dirs.leaves(d, max(cookie, 3)):
+            prefetch([e.ino for e in ents])
+            for e in ents:
+                yield e.name, attr(rec_of(e.ino)), e.key + 1
 
     # ------------------------------------------------------------------------ data
     def read(self, ino: int, offset: int, size: int) -> bytes:

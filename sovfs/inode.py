@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import operator
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from sovfs.alloc import BitmapAllocator
@@ -129,6 +130,16 @@ class InodeStore:
             self._load_extents(rec)
         self._recs[ino] = rec
         return rec
+
+    def prefetch(self, inos: Iterable[int]) -> None:
+        """Bring the inode-table blocks of the not yet loaded inodes among ``inos`` into the cache with
+        ONE ``preadv`` (readdirplus visits a leaf's inodes in hash order, i.e. scattered over the table:
+        block by block that was one device request per inode on a cold cache).  Numbers out of range
+        are skipped; :meth:`get` reports them."""
+        recs, per, first, count = self._recs, self.per_block, self.sb.inode_table_start, self.sb.inode_count
+        bnos = {first + ino // per for ino in inos if ino not in recs and 0 < ino < count}
+        if bnos:
+            self.cache.prefetch(sorted(bnos), None)
 
     def put(self, tx: Transaction, rec: InodeRec) -> None:
         """Write the record's inode into its inode-table block (and schedule a tree rebuild if needed)."""
