@@ -125,14 +125,7 @@ class Directories:
                 path.append((lblock, node, -1))
                 return path, upper
             idx = node.index
-            lo, hi = 0, len(idx)
-            while lo < hi:  # last entry with key <= target
-                mid = (lo + hi) // 2
-                if idx[mid].key <= key:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            i = max(lo - 1, 0)
+            i = max(bisect.bisect_right(idx, key, key=_KEY) - 1, 0)  # last entry with key <= target
             if i + 1 < len(idx):
                 upper = idx[i + 1].key
             path.append((lblock, node, i))
