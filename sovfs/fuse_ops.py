@@ -8,7 +8,8 @@ short fixed sequence of calls) into the synchronous core, and translates the res
 
 * file handles (``fh`` → :class:`Handle`: inode and open flags); the core counts opens per inode;
 * lookup counts: every reply that hands the kernel an entry (lookup, create, mkdir, mknod, symlink, link,
-  each readdirplus entry except ``.``/``..``) calls ``fs.ref``; ``forget`` calls ``fs.forget``.  The core
+  each readdirplus entry except ``.``/``..``) calls ``fs.ref`` (readdir: one ``fs.ref_many`` once the
+  reply is complete); ``forget`` calls ``fs.forget``.  The core
   frees an unlinked inode only when nlink, lookups and open handles are all 0;
 * errors: this is the ONLY module that builds ``FUSEError``.  A ``SovError`` becomes its errno.  A
   ``Corrupt`` (checksum or structure) or an unexpected exception (device failure, our bug) is logged once
