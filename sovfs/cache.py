@@ -107,15 +107,22 @@ class BufferCache:
 
     def read_many(self, bnos: Sequence[int], btype: BlockType | None) -> list[Buf]:
         """Read several blocks with one ``preadv`` (read-ahead, bitmaps at mount)."""
-        missing = [b for b in dict.fromkeys(bnos) if b not in self._bufs]
-        if missing:
-            datas = self.dev.preadv([(b * self.bs, self.bs) for b in missing])
-            for b, d in zip(missing, datas, strict=True):
-                buf = Buf(b, bytearray(d), btype is not None)
-                self._check(buf, btype, None, None, fresh=True)
-                self._insert(buf)
-            self.misses += len(missing)
+        self.prefetch(list(dict.fromkeys(bnos)), btype)
         return [self.read(b, btype) for b in bnos]
+
+    def prefetch(self, bnos: Sequence[int], btype: BlockType | None) -> None:
+        """Load the uncached blocks among ``bnos`` (distinct) with one ``preadv``, verified like
+        :meth:`read`.  Unlike :meth:`read_many` it builds no result list and leaves cached blocks'
+        LRU order alone: it is read-ahead, not use."""
+        missing = [b for b in bnos if b not in self._bufs]
+        if not missing:
+            return
+        datas = self.dev.preadv([(b * self.bs, self.bs) for b in missing])
+        for b, d in zip(missing, datas, strict=True):
+            buf = Buf(b, bytearray(d), btype is not None)
+            self._check(buf, btype, None, None, fresh=True)
+            self._insert(buf)
+        self.misses += len(missing)
 
     @contextmanager
     def get(

@@ -20,6 +20,8 @@ reachable from exactly one interior entry; a leaf's serialised size fits ``B −
 
 from __future__ import annotations
 
+import bisect
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -40,6 +42,8 @@ from sovfs.inode import InodeRec, InodeStore
 from sovfs.journal import Transaction
 
 __all__ = ["Directories", "Found"]
+
+_KEY = operator.attrgetter("key")
 
 
 @dataclass(frozen=True)
@@ -123,38 +127,52 @@ class Directories:
                 path.append((lblock, node, -1))
                 return path, upper
             idx = node.index
-            lo, hi = 0, len(idx)
-            while lo < hi:  # last entry with key <= target
-                mid = (lo + hi) // 2
-                if idx[mid].key <= key:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            i = max(lo - 1, 0)
+            i = max(bisect.bisect_right(idx, key, key=_KEY) - 1, 0)  # last entry with key <= target
             if i + 1 < len(idx):
                 upper = idx[i + 1].key
             path.append((lblock, node, i))
             lblock = idx[i].child
         raise Corrupt(f"directory {d.ino}: tree deeper than 64 levels (loop?)")
 
-    def iterate(self, d: InodeRec, start_key: int = 0) -> Iterator[DirEntry]:
-        """Entries with key ≥ ``start_key`` in key order (a fresh descent per leaf)."""
+    def leaves(self, d: InodeRec, start_key: int = 0) -> Iterator[list[DirEntry]]:
+        """The entries with key ≥ ``start_key``, one list per leaf, in key order.
+
+        A fresh descent per leaf (the caller may change the directory between leaves; keys are
+        stable, so resuming from the next leaf's first key stays correct).  Each list is a copy, found
+        by bisection: a readdir resuming mid-leaf (every FUSE readdir request after the first) must not
+        walk the leaf from its start.
+        """
         key: int | None = start_key
         while key is not None:
             path, upper = self._descend(d, key)
-            leaf = path[-1][1]
-            for e in list(leaf.entries):
-                if e.key >= key:
-                    yield e
+            ents = path[-1][1].entries
+            yield ents[bisect.bisect_left(ents, key, key=_KEY) :]
             key = upper
 
+    def iterate(self, d: InodeRec, start_key: int = 0) -> Iterator[DirEntry]:
+        """Entries with key ≥ ``start_key`` in key order (a fresh descent per leaf)."""
+        for ents in self.leaves(d, start_key):
+            yield from ents
+
     def lookup(self, d: InodeRec, name: bytes) -> DirEntry | None:
+        """The entry called ``name``, or None: one descent and a bisection into the leaf.
+
+        Its collision range ``[base, base + MAX_COLLISIONS)`` almost always lies in one leaf; only when
+        the range runs past the leaf's last entry does the search go on into the next leaf(s).
+        """
         base = name_hash_base(self.seed, name)
-        for e in self.iterate(d, base):
-            if e.key >= base + MAX_COLLISIONS:
-                break
-            if e.name == name:
-                return e
+        limit = base + MAX_COLLISIONS
+        key: int | None = base
+        while key is not None:
+            path, upper = self._descend(d, key)
+            ents = path[-1][1].entries
+            for i in range(bisect.bisect_left(ents, key, key=_KEY), len(ents)):
+                e = ents[i]
+                if e.key >= limit:
+                    return None
+                if e.name == name:
+                    return e
+            key = upper if upper is not None and upper < limit else None
         return None
 
     def is_empty(self, d: InodeRec) -> bool:

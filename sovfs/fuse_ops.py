@@ -8,7 +8,8 @@ short fixed sequence of calls) into the synchronous core, and translates the res
 
 * file handles (``fh`` → :class:`Handle`: inode and open flags); the core counts opens per inode;
 * lookup counts: every reply that hands the kernel an entry (lookup, create, mkdir, mknod, symlink, link,
-  each readdirplus entry except ``.``/``..``) calls ``fs.ref``; ``forget`` calls ``fs.forget``.  The core
+  each readdirplus entry except ``.``/``..``) calls ``fs.ref`` (readdir: one ``fs.ref_many`` once the
+  reply is complete); ``forget`` calls ``fs.forget``.  The core
   frees an unlinked inode only when nlink, lookups and open handles are all 0;
 * errors: this is the ONLY module that builds ``FUSEError``.  A ``SovError`` becomes its errno.  A
   ``Corrupt`` (checksum or structure) or an unexpected exception (device failure, our bug) is logged once
@@ -264,12 +265,16 @@ class SovOps(pyfuse3.Operations):
     @_guard
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         ino = self._handle(fh).ino
-        for item in self.fs.readdir(ino, start_id):
-            a = self.fs.getattr(item.ino)
-            if not pyfuse3.readdir_reply(token, item.name, self._entry(a), item.next_cookie):
+        reply, entry = pyfuse3.readdir_reply, self._entry
+        added: list[int] = []  # lookups to count: entries the kernel will get, except . and ..
+        for name, a, cookie in self.fs.readdir_plus(ino, start_id):
+            if not reply(token, name, entry(a), cookie):
                 break
-            if item.name not in (b".", b".."):
-                self.fs.ref(item.ino)
+            if name != b"." and name != b"..":
+                added.append(a.ino)
+        # Counted only once the whole reply is built: if a later entry fails, the kernel gets an
+        # error instead of the entries, and must not be charged lookups for them.
+        self.fs.ref_many(added)
         if start_id == 0:
             self.fs.accessed(ino, self.atime)
 

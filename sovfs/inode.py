@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import operator
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from sovfs.alloc import BitmapAllocator
@@ -49,6 +50,8 @@ from sovfs.format import (
 from sovfs.journal import Journal, Transaction
 
 __all__ = ["InodeRec", "InodeStore"]
+
+_LOGICAL = operator.attrgetter("logical")
 
 
 @dataclass
@@ -90,9 +93,6 @@ class InodeRec:
         return [e.logical for e in self.extents]
 
 
-_logical = operator.attrgetter("logical")  # bisect key: extents are sorted by logical block
-
-
 class InodeStore:
     def __init__(
         self, sb: Superblock, cache: BufferCache, journal: Journal, blocks: BitmapAllocator,
@@ -130,6 +130,16 @@ class InodeStore:
             self._load_extents(rec)
         self._recs[ino] = rec
         return rec
+
+    def prefetch(self, inos: Iterable[int]) -> None:
+        """Bring the inode-table blocks of the not yet loaded inodes among ``inos`` into the cache with
+        ONE ``preadv`` (readdirplus visits a leaf's inodes in hash order, i.e. scattered over the table:
+        block by block that was one device request per inode on a cold cache).  Numbers out of range
+        are skipped; :meth:`get` reports them."""
+        recs, per, first, count = self._recs, self.per_block, self.sb.inode_table_start, self.sb.inode_count
+        bnos = {first + ino // per for ino in inos if ino not in recs and 0 < ino < count}
+        if bnos:
+            self.cache.prefetch(sorted(bnos), None)
 
     def put(self, tx: Transaction, rec: InodeRec) -> None:
         """Write the record's inode into its inode-table block (and schedule a tree rebuild if needed)."""
@@ -274,7 +284,7 @@ class InodeStore:
         """Segments ``(logical, length, physical or None for a hole, unwritten)`` covering the range."""
         out: list[tuple[int, int, int | None, bool]] = []
         exts = rec.extents
-        i = max(bisect.bisect_right(rec.extents, first, key=_logical) - 1, 0)
+        i = max(bisect.bisect_right(rec.extents, first, key=_LOGICAL) - 1, 0)
         pos, end = first, first + count
         while pos < end:
             if i < len(exts) and exts[i].end <= pos:
@@ -294,9 +304,13 @@ class InodeStore:
         return out
 
     def bmap(self, rec: InodeRec, lblock: int) -> int | None:
-        """Physical block of ``lblock``, None in a hole (map_range for one block, without the lists)."""
+        """Physical block of ``lblock`` (None for a hole; an unwritten extent still maps).
+
+        Every directory node visit calls this, so it bisects the extent list directly instead of
+        building ``map_range`` segments and a list of extent starts per call.
+        """
         exts = rec.extents
-        i = bisect.bisect_right(exts, lblock, key=_logical) - 1
+        i = bisect.bisect_right(exts, lblock, key=_LOGICAL) - 1
         if i >= 0:
             e = exts[i]
             if lblock < e.logical + e.length:
@@ -305,7 +319,7 @@ class InodeStore:
 
     def _insert_extent(self, rec: InodeRec, new: Extent) -> None:
         exts = rec.extents
-        i = bisect.bisect_left(rec.extents, new.logical, key=_logical)
+        i = bisect.bisect_left(rec.extents, new.logical, key=_LOGICAL)
         if i > 0:
             p = exts[i - 1]
             if (p.end == new.logical and p.physical + p.length == new.physical and p.flags == new.flags

@@ -117,3 +117,46 @@ async def test_setattr_fields(ops: SovOps) -> None:
     assert a.st_size == 0
     st = await ops.statfs(Ctx())
     assert st.f_bsize == st.f_frsize and st.f_bfree <= st.f_blocks
+
+
+async def test_readdirplus_counts_only_entries_the_kernel_got(
+    ops: SovOps, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = (await ops.mkdir(R, b"d", 0o755, Ctx())).st_ino
+    made = {}
+    for i in range(10):
+        made[f"f{i}".encode()] = (await ops.mknod(d, f"f{i}".encode(), 0o100644, 0, Ctx())).st_ino
+    base = dict(ops.fs._lookups)
+    got: list[tuple[bytes, int, int]] = []
+
+    def reply(token: object, name: bytes, attr: pyfuse3.EntryAttributes, cookie: int) -> bool:
+        if len(got) == 6:  # the kernel's buffer is full: . .. and four entries
+            return False
+        got.append((name, attr.st_ino, cookie))
+        return True
+
+    monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
+    fh = await ops.opendir(d, Ctx())
+    await ops.readdir(fh, 0, None)
+    assert [n for n, _, _ in got[:2]] == [b".", b".."] and got[0][1] == d and got[1][1] == R
+    counted = {ino: n - base.get(ino, 0) for ino, n in ops.fs._lookups.items() if n != base.get(ino, 0)}
+    assert counted == {made[n]: 1 for n, _, _ in got[2:]}  # not . and .., not the refused fifth
+    first = got[:]
+    got.clear()
+    await ops.readdir(fh, first[-1][2], None)  # resume: the rest, none twice
+    assert {n for n, _, _ in first[2:] + got} <= set(made) and not {n for n, _, _ in got} & {
+        n for n, _, _ in first
+    }
+
+    real = ops.fs.readdir_plus
+
+    def failing(ino: int, cookie: int = 0) -> Iterator[object]:
+        yield from real(ino, cookie)
+        raise Corrupt("directory leaf: checksum mismatch")
+
+    before = dict(ops.fs._lookups)
+    monkeypatch.setattr(ops.fs, "readdir_plus", failing)
+    monkeypatch.setattr(pyfuse3, "readdir_reply", lambda *a: True)
+    assert await fuse_errno(ops.readdir(fh, 0, None)) == errno.EIO
+    assert ops.fs._lookups == before  # the failed reply reached no one: no lookups counted
+    await ops.releasedir(fh)

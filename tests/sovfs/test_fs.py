@@ -320,3 +320,28 @@ def test_backup_superblock_used(dev_fs: tuple[RamLedgerDevice, FileSystem]) -> N
     fs = FileSystem.mount(dev)
     assert fs.lookup(R, b"f").ino > 2
     fs.close()
+
+
+def test_readdir_plus_is_readdir_with_getattr(dev_fs: tuple[RamLedgerDevice, FileSystem]) -> None:
+    dev, fs = dev_fs
+    d = fs.mkdir(R, b"d").ino
+    for i in range(400):
+        if i % 7 == 0:
+            fs.mkdir(d, f"sub{i:04}".encode())
+        else:
+            fs.create(d, f"f{i:04}".encode())
+    fs = remount(dev, fs)
+    dev.reset_counters()
+    plus = list(fs.readdir_plus(d))
+    leaves = sum(1 for _ in fs.dirs.leaves(fs.inodes.get(d)))
+    assert leaves > 1 and dev.read_calls <= 3 * leaves + 4  # inode-table blocks: one preadv per leaf
+    plain = list(fs.readdir(d))
+    assert [(n, c) for n, _, c in plus] == [(x.name, x.next_cookie) for x in plain]
+    assert [a for _, a, _ in plus] == [fs.getattr(x.ino) for x in plain]
+    for start in (0, 1, 2, plain[2].next_cookie, plain[200].next_cookie, plain[-1].next_cookie):
+        assert [(n, a.ino, c) for n, a, c in fs.readdir_plus(d, start)] == [
+            (x.name, x.ino, x.next_cookie) for x in fs.readdir(d, start)
+        ]
+    with pytest.raises(SovError) as e:
+        list(fs.readdir_plus(fs.create(R, b"file").ino))
+    assert err(e) == "ENOTDIR"
