@@ -899,6 +899,10 @@ def serve_queue(
             break
         if pending == 0:
             if single:
+                # The next notification is the only way back in: ask for it for the very next
+                # request (a polling worker does the same just before it sleeps).
+                if event_idx:
+                    store_release_u16(mem, used + 4 + 8 * qn, last)
                 break
             now = monotonic_ns()
             if now - idle_since < window:

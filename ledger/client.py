@@ -240,6 +240,7 @@ class Engine:
             q = self.queues[self._rr]
             qs = q.state
             self._rr = (self._rr + 1) % nq
+            kicks = q.q[K.Q_KICKS]
             done = K.submit_requests(
                 self.mem, q.q, qs.free_next, qs.chain_next, qs.head_ndesc, qs.head_group, qs.head_gidx,
                 self.st_rtype, self.st_sector, self.st_buf, self.st_nbytes, self.st_group, self.st_gidx,
@@ -247,6 +248,10 @@ class Engine:
             )  # fmt: skip
             self.st_head += done
             total += done
+            if q.notify_fd < 0 and q.q[K.Q_KICKS] != kicks:
+                # No ioeventfd: the kick is the register write (which may serve the queue before
+                # it returns, as a trapped MMIO write does).
+                self.driver.transport.write32(S.VIRTIO_MMIO_QUEUE_NOTIFY, q.index)
         if self.st_head == self.st_count:
             self.st_head = self.st_count = 0
         return total

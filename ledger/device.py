@@ -142,6 +142,15 @@ class VirtioBlkDevice:
         spin_us: how long a worker polls an empty ring before sleeping on its kick fd.
         serial: GET_ID answer (≤ 20 bytes, NUL-padded); default from the backend's name.
         single_pass: test mode, workers are not started at DRIVER_OK; call :meth:`run_queue_once`.
+        notify: how QueueNotify reaches the device.  ``"eventfd"`` (default) is KVM's ioeventfd
+            model: one worker thread per queue sleeps on a kick eventfd (after polling the ring
+            for up to ``spin_us``) and serves the queue concurrently with the driver.  ``"trap"``
+            models a notify without ioeventfd, which traps into the hypervisor on the notifying
+            vCPU: there are no worker threads and no kick fds (:meth:`queue_notify_fd` is -1),
+            and a ``write32(QueueNotify, q)`` serves queue ``q`` to empty on the caller's thread
+            before it returns.  No thread hand-offs and no polling, at the price of overlap: a
+            request that waits for the disk blocks the notifier.  It suits a single-threaded
+            driver on a machine with few CPUs (``mount.sovfs``).
     """
 
     def __init__(
@@ -159,6 +168,7 @@ class VirtioBlkDevice:
         spin_us: int = 200,
         serial: str | bytes | None = None,
         single_pass: bool = False,
+        notify: str = "eventfd",
     ) -> None:
         if not 1 <= num_queues <= 0xFFFF:
             raise ValueError(f"num_queues must be 1..65535, got {num_queues}")
@@ -166,6 +176,8 @@ class VirtioBlkDevice:
             raise ValueError(f"queue_num_max must be 1..32768, got {queue_num_max}")
         if backend.wc[K.W_ON] and num_queues != 1:
             raise ValueError("a backend with a simulated write cache is served by exactly one queue")
+        if notify not in ("eventfd", "trap"):
+            raise ValueError(f"notify must be 'eventfd' or 'trap', got {notify!r}")
         if completion_order not in _ORDERS:
             raise ValueError(f"completion_order must be one of {sorted(_ORDERS)}, got {completion_order!r}")
         self.backend = backend
@@ -177,7 +189,9 @@ class VirtioBlkDevice:
         self.completion_order = completion_order
         self.seed = seed
         self.spin_us = spin_us
-        self.single_pass = single_pass
+        self.notify = notify
+        # a trapped notify serves the queue on the notifier's thread: the kernel's single-pass mode
+        self.single_pass = single_pass or notify == "trap"
         feats = DEFAULT_FEATURES if offer is None else offer
         feats &= _KNOWN_FEATURES
         feats |= _bit(S.VIRTIO_F_VERSION_1)
@@ -229,8 +243,11 @@ class VirtioBlkDevice:
 
     # --- fds ---------------------------------------------------------------------
     def queue_notify_fd(self, q: int) -> int:
-        """Kick eventfd of queue ``q``: writing 1 equals ``write32(QueueNotify, q)``."""
-        return self._queues[q].kick_fd
+        """Kick eventfd of queue ``q``: writing 1 equals ``write32(QueueNotify, q)``.
+
+        -1 with ``notify="trap"``: there is no ioeventfd, the driver writes the register.
+        """
+        return -1 if self.notify == "trap" else self._queues[q].kick_fd
 
     def queue_interrupt_fd(self, q: int) -> int:
         """Call eventfd of queue ``q`` (non-blocking): the used-buffer interrupt (and config changes)."""
@@ -510,7 +527,10 @@ class VirtioBlkDevice:
         if qi >= self.num_queues or not self._queues[qi].ready:
             self._refuse(D_NOTIFY_REFUSED, f"QueueNotify({qi}) for a queue that is not ready; ignored", qi)
             return
-        os.eventfd_write(self._queues[qi].kick_fd, 1)
+        if self.notify == "trap":
+            self.run_queue_once(qi)
+        else:
+            os.eventfd_write(self._queues[qi].kick_fd, 1)
 
     # --- status and workers ------------------------------------------------------
     def _write_status(self, val: int) -> None:

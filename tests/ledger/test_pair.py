@@ -9,6 +9,7 @@ front ends, and a run long enough to cross the 16-bit index wrap.
 from __future__ import annotations
 
 import random
+import threading
 import time
 
 import numpy as np
@@ -73,6 +74,7 @@ ops = st.lists(
 )
 
 
+@pytest.mark.parametrize("notify", ["eventfd", "trap"])
 @pytest.mark.parametrize("config", list(CONFIGS))
 @settings(max_examples=12)
 @given(
@@ -81,10 +83,13 @@ ops = st.lists(
     nq=st.integers(1, 4),
     order=st.sampled_from(["fifo", "reverse", "shuffle"]),
 )
-def test_sync_random_mix_matches_model(config: str, script, queue_size: int, nq: int, order: str) -> None:
+def test_sync_random_mix_matches_model(
+    notify: str, config: str, script, queue_size: int, nq: int, order: str
+) -> None:
     size = 2048 * 512
     with Ledger.ram(
         size,
+        notify=notify,
         num_queues=nq,
         device_queues=4,
         queue_size=queue_size,
@@ -119,14 +124,16 @@ def test_sync_random_mix_matches_model(config: str, script, queue_size: int, nq:
         model.check(0, blk.read(0, 2048))
 
 
+@pytest.mark.parametrize("notify", ["eventfd", "trap"])
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("order", ["fifo", "shuffle"])
-async def test_trio_concurrent_tasks_match_model(config: str, order: str) -> None:
+async def test_trio_concurrent_tasks_match_model(notify: str, config: str, order: str) -> None:
     """Sixteen tasks, each owning a region, mixing sizes; everything in flight at once."""
     size = 4 * MB
     rng = random.Random(f"{config}-{order}")
     with Ledger.ram(
         size,
+        notify=notify,
         num_queues=2,
         device_queues=2,
         queue_size=32,
@@ -324,3 +331,17 @@ async def test_started_batches_overlap_and_finish_in_any_order() -> None:
             assert ei.value.index == 1
             assert ei.value.sector == 4000
         assert len(led.engine.free_groups) == len(led.engine.on_done)
+
+
+def test_trapped_notify_serves_on_the_callers_thread_without_workers() -> None:
+    """notify="trap": no ioeventfd and no worker threads; the QueueNotify write does the I/O."""
+    before = {t.name for t in threading.enumerate()}
+    with Ledger.ram(MB, num_queues=2, device_queues=2, notify="trap") as led:
+        assert led.device is not None
+        assert [led.device.queue_notify_fd(q) for q in range(2)] == [-1, -1]
+        assert not {t.name for t in threading.enumerate()} - before  # no ledger-q* threads
+        blk = led.sync()
+        blk.write(10, b"\xab" * 4096)
+        # the write completed on this thread, so the bytes are in the backend already
+        assert bytes(led.backend.ram[10 * 512 : 10 * 512 + 4096]) == b"\xab" * 4096
+        assert blk.read(10, 8) == b"\xab" * 4096
