@@ -75,6 +75,13 @@ class ReadPlan:
         """The file bytes from the request results (holes and unwritten extents read as zeros)."""
         if self.size == 0:
             return b""
+        if len(datas) == 1 and self.where[0] == 0 and len(datas[0]) == self.span:
+            # One contiguous run, no holes (the common case): no assembly buffer, and no copy at
+            # all when the read is block-aligned.
+            whole = bytes(datas[0])  # no copy when it is bytes already (the devices return bytes)
+            if self.skip == 0 and self.size == len(whole):
+                return whole
+            return whole[self.skip : self.skip + self.size]
         out = bytearray(self.span)
         for pos, data in zip(self.where, datas, strict=True):
             out[pos : pos + len(data)] = data
