@@ -60,6 +60,19 @@ class Directories:
         self.seed = hash_seed
         self.cap = dir_node_capacity(self.bs)
         self.node_reads = 0  # nodes visited (for tests of lookup cost)
+        #: name -> hash base, for the names hashed recently: one create hashes its name three times
+        #: (the kernel's negative LOOKUP, the existence check, the insert) and an unlink as often,
+        #: and each SipHash call costs a Numba dispatch.  Pure function of (seed, name); bounded.
+        self._bases: dict[bytes, int] = {}
+
+    def _base(self, name: bytes) -> int:
+        """``name_hash_base(seed, name)``, memoised for recently used names."""
+        b = self._bases.get(name)
+        if b is None:
+            if len(self._bases) >= 4096:
+                self._bases.clear()
+            b = self._bases[name] = name_hash_base(self.seed, name)
+        return b
 
     # ------------------------------------------------------------------------------ node access
     def _buf(self, d: InodeRec, lblock: int) -> Buf:
@@ -160,20 +173,28 @@ class Directories:
         Its collision range ``[base, base + MAX_COLLISIONS)`` almost always lies in one leaf; only when
         the range runs past the leaf's last entry does the search go on into the next leaf(s).
         """
-        base = name_hash_base(self.seed, name)
+        return self._find(d, name)[0]
+
+    def _find(
+        self, d: InodeRec, name: bytes
+    ) -> tuple[DirEntry | None, list[tuple[int, DirNode, int]]]:
+        """:meth:`lookup`, plus the descent path to the leaf holding the entry (or, when absent, to
+        the last leaf searched): remove and replace modify that leaf without descending again."""
+        base = self._base(name)
         limit = base + MAX_COLLISIONS
         key: int | None = base
+        path: list[tuple[int, DirNode, int]] = []
         while key is not None:
             path, upper = self._descend(d, key)
             ents = path[-1][1].entries
             for i in range(bisect.bisect_left(ents, key, key=_KEY), len(ents)):
                 e = ents[i]
                 if e.key >= limit:
-                    return None
+                    return None, path
                 if e.name == name:
-                    return e
+                    return e, path
             key = upper if upper is not None and upper < limit else None
-        return None
+        return None, path
 
     def is_empty(self, d: InodeRec) -> bool:
         root = self.node(d, 0)
@@ -182,19 +203,29 @@ class Directories:
     # ------------------------------------------------------------------------------ insert
     def add(self, tx: Transaction, d: InodeRec, name: bytes, ino: int, ftype: int) -> DirEntry:
         """Insert a new entry. Raises Exists, NoSpace (255 same-hash names, or the disk is full)."""
-        base = name_hash_base(self.seed, name)
-        used = set()
-        for e in self.iterate(d, base):
-            if e.key >= base + MAX_COLLISIONS:
-                break
-            if e.name == name:
-                raise Exists(f"{name!r} exists")
-            used.add(e.key - base)
-        c = next((i for i in range(MAX_COLLISIONS) if i not in used), None)
-        if c is None:
-            raise NoSpace(f"directory {d.ino}: too many names with the same hash as {name!r}")
-        entry = DirEntry(base + c, ino, ftype, name)
-        path, _ = self._descend(d, entry.key)
+        base = self._base(name)
+        limit = base + MAX_COLLISIONS
+        path, upper = self._descend(d, base)
+        ents = path[-1][1].entries
+        i = bisect.bisect_left(ents, base, key=_KEY)
+        if (ents[i].key >= limit) if i < len(ents) else (upper is None or upper >= limit):
+            # The common case: no key of the collision range in the tree (the leaf covers
+            # [its lower bound, upper) and its first key ≥ base is past the range), and the leaf the
+            # descent found is where base itself goes — no set of used indices, no second descent.
+            entry = DirEntry(base, ino, ftype, name)
+        else:
+            used = set()
+            for e in self.iterate(d, base):
+                if e.key >= limit:
+                    break
+                if e.name == name:
+                    raise Exists(f"{name!r} exists")
+                used.add(e.key - base)
+            c = next((i for i in range(MAX_COLLISIONS) if i not in used), None)
+            if c is None:
+                raise NoSpace(f"directory {d.ino}: too many names with the same hash as {name!r}")
+            entry = DirEntry(base + c, ino, ftype, name)
+            path, _ = self._descend(d, entry.key)
         _lblock, leaf, _ = path[-1]
         ents = list(leaf.entries)
         lo, hi = 0, len(ents)
@@ -248,10 +279,9 @@ class Directories:
     # ------------------------------------------------------------------------------ remove
     def remove(self, tx: Transaction, d: InodeRec, name: bytes) -> DirEntry:
         """Remove ``name``; returns its entry. Raises NotFound."""
-        e = self.lookup(d, name)
+        e, path = self._find(d, name)
         if e is None:
             raise NotFound(f"{name!r} not found")
-        path, _ = self._descend(d, e.key)
         leaf = path[-1][1]
         new = DirNode(level=0, entries=[x for x in leaf.entries if x.key != e.key])
         self._shrink(tx, d, path, len(path) - 1, new)
@@ -259,10 +289,9 @@ class Directories:
 
     def replace(self, tx: Transaction, d: InodeRec, name: bytes, ino: int, ftype: int) -> DirEntry:
         """Point existing entry ``name`` at another inode (rename over an existing name)."""
-        e = self.lookup(d, name)
+        e, path = self._find(d, name)
         if e is None:
             raise NotFound(f"{name!r} not found")
-        path, _ = self._descend(d, e.key)
         lblock, leaf, _ = path[-1]
         ne = DirEntry(e.key, ino, ftype, name)
         self._store(tx, d, lblock, DirNode(0, entries=[ne if x.key == e.key else x for x in leaf.entries]))

@@ -114,8 +114,11 @@ class InodeStore:
         self.inodes = inodes
         self.per_block = self.bs // INODE_SIZE
         self._recs: dict[int, InodeRec] = {}
+        #: inodes put by the current operation, packed into their slots when it ends (``put``); empty
+        #: outside an operation
+        self._pending: dict[int, InodeRec] = {}
         self._ino_goal = 3
-        journal.abort_hooks.append(self._recs.clear)
+        journal.abort_hooks += [self._recs.clear, self._pending.clear]
 
     # --------------------------------------------------------------------------------- inodes
     def _slot(self, ino: int) -> tuple[int, int]:
@@ -149,16 +152,39 @@ class InodeStore:
             self.cache.prefetch(sorted(bnos), None)
 
     def put(self, tx: Transaction, rec: InodeRec) -> None:
-        """Write the record's inode into its inode-table block (and schedule a tree rebuild if needed)."""
+        """Store the record's inode into its inode-table block when the operation ends (and schedule a
+        tree rebuild if needed).
+
+        Deferred rather than packed at once: an operation puts the same inode several times (a create
+        allocates, then fills in and puts the new inode; a write rebuilds the extent root and puts the
+        new size), and each pack costs a struct pack, a CRC and a slot copy.  The slot is written once,
+        by :meth:`_write_pending` (a ``before_commit`` hook), before the operation's blocks join the
+        running transaction — so the on-disk and journaled images are exactly what an immediate write
+        would have produced.  Nothing reads an inode slot of a loaded record inside an operation (the
+        record is the authority while it is in ``_recs``).
+        """
         if rec.map_dirty:
             tx.before_commit(lambda: self._flush_map(tx, rec))
         self._write_slot(tx, rec)
 
     def _write_slot(self, tx: Transaction, rec: InodeRec) -> None:
-        bno, off = self._slot(rec.ino)
-        buf = self.cache.read(bno, None)
-        buf.data[off : off + INODE_SIZE] = rec.inode.pack(self.cache.seed, rec.ino)
-        tx.dirty(buf)
+        """Schedule ``rec`` for :meth:`_write_pending` (the first one in an operation registers it)."""
+        pending = self._pending
+        if not pending:
+            tx.before_commit(lambda: self._write_pending(tx))
+        pending[rec.ino] = rec
+
+    def _write_pending(self, tx: Transaction) -> None:
+        """Pack every inode put during the operation into its slot, once each, and dirty the blocks."""
+        pending = self._pending
+        seed, per, first, read = self.cache.seed, self.per_block, self.sb.inode_table_start, self.cache.read
+        for ino, rec in pending.items():
+            blk, idx = divmod(ino, per)
+            off = idx * INODE_SIZE
+            buf = read(first + blk, None)
+            buf.data[off : off + INODE_SIZE] = rec.inode.pack(seed, ino)
+            tx.dirty(buf)
+        pending.clear()
 
     def allocate(self, tx: Transaction, inode: Inode) -> InodeRec:
         """Allocate an inode number, set ``inode.generation`` to the slot's previous one + 1, store it."""
@@ -192,7 +218,13 @@ class InodeStore:
             self.cache.forget(rec.inode.xattr_block)
         rec.inode = Inode(generation=rec.inode.generation)
         rec.map_dirty = False
-        self._write_slot(tx, rec)
+        # Written now, not deferred: the number may be allocated again before the operation ends, and
+        # ``allocate`` reads the slot for the previous generation.
+        self._pending.pop(rec.ino, None)
+        bno, off = self._slot(rec.ino)
+        buf = self.cache.read(bno, None)
+        buf.data[off : off + INODE_SIZE] = rec.inode.pack(self.cache.seed, rec.ino)
+        tx.dirty(buf)
         self.inodes.release(tx, rec.ino)
         self._recs.pop(rec.ino, None)
 

@@ -37,8 +37,7 @@ Invariant: outside ``op()`` every dirty buffer belongs to the running transactio
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sovfs.blockdev import BlockDevice
@@ -157,18 +156,25 @@ class Journal:
             return True
         return any(h() for h in self.pressure)
 
-    @contextmanager
-    def op(self) -> Iterator[Transaction]:
-        if self._tx is not None:
-            yield self._tx
-            return
+    def op(self) -> _Op:
+        """``with journal.op() as tx:`` — one operation (see the module docstring)."""
+        return _Op(self)
+
+    def _begin(self) -> Transaction:
         if self.running and self._should_commit():
             self.commit()
         tx = self._tx = Transaction()
+        return tx
+
+    def _end(self, tx: Transaction) -> None:
+        """The outermost operation body returned: run its hooks, then join the running transaction."""
         try:
-            yield tx
-            for hook in tx._commit_hooks:
-                hook()
+            # by index: a hook may register further hooks (an inode put by an extent-tree rebuild)
+            hooks = tx._commit_hooks
+            i = 0
+            while i < len(hooks):
+                hooks[i]()
+                i += 1
         except BaseException:
             self._tx = None
             self._abort(tx)
@@ -178,9 +184,10 @@ class Journal:
         if not self.enabled:
             self.cache.write_back(list(tx.blocks.values()))
             return
+        running, snap = self.running, self._snap
         for bno, buf in tx.blocks.items():
-            self.running[bno] = buf
-            self._snap[bno] = bytes(buf.data)
+            running[bno] = buf
+            snap[bno] = bytes(buf.data)
 
     def _abort(self, tx: Transaction) -> None:
         gone = []
@@ -285,6 +292,40 @@ class Journal:
         self.commit()
         self.flush()
         self._write_jsb(0)
+
+
+class _Op:
+    """The context manager :meth:`Journal.op` returns.
+
+    A class rather than a ``@contextmanager`` generator: every FUSE request that changes anything
+    opens one or more operations, and the generator protocol (create, ``next``, ``send``/``throw``)
+    cost several times the two method calls this does.  A nested ``op()`` joins the outermost
+    operation's transaction and does nothing at its end.
+    """
+
+    __slots__ = ("_j", "_outer", "_tx")
+
+    def __init__(self, journal: Journal) -> None:
+        self._j = journal
+        self._outer = False
+
+    def __enter__(self) -> Transaction:
+        j = self._j
+        tx = j._tx
+        if tx is None:
+            self._outer = True
+            tx = j._begin()
+        self._tx = tx
+        return tx
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: object) -> None:
+        if not self._outer:
+            return
+        if et is None:
+            self._j._end(self._tx)
+        else:
+            self._j._tx = None
+            self._j._abort(self._tx)
 
 
 # ------------------------------------------------------------------------------------- replay
