@@ -1,0 +1,192 @@
+"""The pyfuse3 floor: what a FUSE filesystem written with pyfuse3 + trio costs before it does any work.
+
+A trivial filesystem (one 256 MiB file whose reads return zeros and whose writes are dropped) is mounted
+and measured with the same fio options as ``bench/fio_bench.py``'s random 4 KiB jobs, alongside a SovFS
+mount.  The trivial filesystem's IOPS are the ceiling any pyfuse3 filesystem reaches on this machine;
+its daemon CPU per request is the floor of the per-request cost.
+
+Two variants of the trivial filesystem, because the kernel asks a FUSE filesystem for the file's
+``security.capability`` xattr before every write (to strip it) unless the filesystem answers ENOSYS to
+``getxattr`` — which switches xattrs off altogether — or the connection negotiated
+``FUSE_HANDLE_KILLPRIV_V2``, which pyfuse3 cannot request.  SovFS supports xattrs, so every write it
+serves costs two FUSE requests (GETXATTR, then WRITE), exactly like the ``xattrs`` variant.
+
+Usage (root, FUSE)::
+
+    python bench/fuse_floor.py [--seconds 5] [--dir /var/tmp]
+
+Prints one line per (filesystem, job): IOPS and daemon CPU µs per operation, and a final summary line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+FILE_BYTES = 256 << 20
+ROOT = Path(__file__).resolve().parent.parent
+
+_TRIVIAL_FS = r'''
+import errno, os, stat, sys
+import pyfuse3, trio
+
+SIZE = int(sys.argv[2])
+XATTRS = sys.argv[3] == "xattrs"
+ZEROS = bytes(1 << 20)
+
+
+class Trivial(pyfuse3.Operations):
+    def _attr(self, ino):
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino
+        a.st_mode = (stat.S_IFDIR | 0o755) if ino == 1 else (stat.S_IFREG | 0o644)
+        a.st_size = 0 if ino == 1 else SIZE
+        a.attr_timeout = a.entry_timeout = 5
+        return a
+
+    async def getattr(self, ino, ctx=None):
+        return self._attr(ino)
+
+    async def lookup(self, parent, name, ctx=None):
+        if name == b"bench.dat":
+            return self._attr(2)
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
+    async def open(self, ino, flags, ctx):
+        return pyfuse3.FileInfo(fh=ino)
+
+    async def read(self, fh, off, size):
+        return ZEROS[:size]
+
+    async def write(self, fh, off, buf):
+        return len(buf)
+
+    async def setattr(self, ino, attr, fields, fh, ctx):
+        return self._attr(ino)
+
+    async def getxattr(self, ino, name, ctx):
+        raise pyfuse3.FUSEError(errno.ENODATA if XATTRS else errno.ENOSYS)
+
+
+opts = set(pyfuse3.default_options)
+opts.add("fsname=fuse-floor")
+pyfuse3.init(Trivial(), sys.argv[1], opts)
+try:
+    trio.run(pyfuse3.main)
+finally:
+    pyfuse3.close()
+'''
+
+JOBS = {
+    "randread-4k-direct": ["--rw=randread", "--bs=4k", "--direct=1"],
+    "randwrite-4k-direct": ["--rw=randwrite", "--bs=4k", "--direct=1"],
+}
+
+
+def _cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _wait_mounted(mnt: Path, proc: subprocess.Popen[bytes] | None, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.ismount(mnt):
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the filesystem daemon exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{mnt} was not mounted within {timeout} s")
+        time.sleep(0.05)
+
+
+def _unmount(mnt: Path) -> None:
+    if os.path.ismount(mnt):
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False, capture_output=True)
+
+
+@contextlib.contextmanager
+def trivial_mount(mnt: Path, variant: str) -> Iterator[int]:
+    argv = [sys.executable, "-c", _TRIVIAL_FS, str(mnt), str(FILE_BYTES), variant]
+    proc = subprocess.Popen(argv, cwd="/")
+    try:
+        _wait_mounted(mnt, proc)
+        yield proc.pid
+    finally:
+        _unmount(mnt)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def sovfs_mount(work: Path, mnt: Path) -> Iterator[int]:
+    img, pidfile = work / "sovfs.img", work / "sovfs.pid"
+    venv_bin = Path(sys.executable).parent
+    mkfs = [str(venv_bin / "mkfs.sovfs"), "-q", "-s", "1G", str(img)]
+    subprocess.run(mkfs, check=True, capture_output=True)
+    mount = [str(venv_bin / "mount.sovfs"), str(img), str(mnt), "-o", f"pidfile={pidfile}"]
+    subprocess.run(mount, check=True)
+    try:
+        pid = int(pidfile.read_text())
+        fill = ["fio", "--name=fill", f"--directory={mnt}", "--filename=bench.dat", f"--size={FILE_BYTES}",
+                "--rw=write", "--bs=1M", "--ioengine=psync", "--fallocate=none", "--end_fsync=1",
+                "--output-format=terse"]  # fmt: skip
+        subprocess.run(fill, check=True, capture_output=True)
+        yield pid
+    finally:
+        _unmount(mnt)
+
+
+def run_fio(mnt: Path, job: str, seconds: float) -> tuple[float, int]:
+    """(IOPS, operations) of one time-based fio job on ``mnt``."""
+    argv = ["fio", f"--name={job}", f"--directory={mnt}", "--filename=bench.dat", f"--size={FILE_BYTES}",
+            "--ioengine=psync", "--fallocate=none", "--time_based=1", f"--runtime={seconds}",
+            "--randrepeat=1", "--output-format=json", *JOBS[job]]  # fmt: skip
+    out = subprocess.run(argv, check=True, capture_output=True, text=True, cwd="/").stdout
+    side = json.loads(out)["jobs"][0]["write" if "write" in job else "read"]
+    return float(side["iops"]), int(side["total_ios"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=5.0, help="per job (default 5)")
+    ap.add_argument("--dir", default="/var/tmp", help="where the SovFS image lives (default /var/tmp)")
+    args = ap.parse_args(argv)
+    results: dict[tuple[str, str], tuple[float, float]] = {}
+    with tempfile.TemporaryDirectory(dir=args.dir, prefix="fuse_floor-") as tmp:
+        work = Path(tmp)
+        mnt = work / "mnt"
+        mnt.mkdir()
+        targets = {
+            "pyfuse3 trivial (no xattrs)": lambda: trivial_mount(mnt, "noxattrs"),
+            "pyfuse3 trivial (xattrs)": lambda: trivial_mount(mnt, "xattrs"),
+            "sovfs": lambda: sovfs_mount(work, mnt),
+        }
+        for name, mount in targets.items():
+            with mount() as pid:
+                for job in JOBS:
+                    c0 = _cpu(pid)
+                    iops, ops = run_fio(mnt, job, args.seconds)
+                    us = (_cpu(pid) - c0) / max(ops, 1) * 1e6
+                    results[(name, job)] = (iops, us)
+                    print(f"{name:30} {job:22} {iops:10,.0f} IOPS  daemon {us:6.0f} µs/op", flush=True)
+    floor_r = results[("pyfuse3 trivial (xattrs)", "randread-4k-direct")][0]
+    floor_w = results[("pyfuse3 trivial (xattrs)", "randwrite-4k-direct")][0]
+    sov_r = results[("sovfs", "randread-4k-direct")][0]
+    sov_w = results[("sovfs", "randwrite-4k-direct")][0]
+    print(f"fuse-floor sovfs_vs_floor_randread={sov_r / floor_r:.2f} "
+          f"sovfs_vs_floor_randwrite={sov_w / floor_w:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
