@@ -1,0 +1,42 @@
+"""Smoke test: bench/fuse_floor.py mounts its trivial pyfuse3 filesystems and SovFS, measures, and
+leaves no mount behind (marked bench: needs root, /dev/fuse and fio)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.bench
+
+
+def _fuse_mounts() -> list[str]:
+    with open("/proc/mounts") as f:
+        return [line for line in f if " fuse" in line]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"), reason="needs root and /dev/fuse")
+@pytest.mark.skipif(not shutil.which("fio"), reason="needs fio")
+def test_floor_run(tmp_path: Path) -> None:
+    before = _fuse_mounts()
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "fuse_floor.py"), "--seconds", "1", "--dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    lines = p.stdout.strip().splitlines()
+    rows = [line for line in lines if " IOPS " in line]
+    assert len(rows) == 6  # 3 filesystems x 2 jobs
+    for row in rows:
+        iops = float(re.search(r"([\d,]+) IOPS", row).group(1).replace(",", ""))  # type: ignore[union-attr]
+        assert iops > 0
+    summary = r"fuse-floor sovfs_vs_floor_randread=[\d.]+ sovfs_vs_floor_randwrite=[\d.]+"
+    assert re.fullmatch(summary, lines[-1])
+    assert _fuse_mounts() == before
