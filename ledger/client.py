@@ -58,6 +58,11 @@ from .errors import DeviceError, DriverError, IOFailure
 SECTOR = S.VIRTIO_BLK_SECTOR_SIZE
 #: Batches of at least this many requests per queue are spread over all queues.
 SPREAD_MIN = 8
+#: ... and so are smaller batches (2+ requests) that move at least this many bytes: a large
+#: read cut into pieces (:meth:`TrioBlk.read_parallel`) has one piece per queue worker.
+SPREAD_BYTES = 256 << 10
+#: :meth:`TrioBlk.read_parallel` pieces are at least this large (smaller ones cost more than they overlap).
+PARALLEL_MIN_PIECE = 128 << 10
 _MIN_CLASS = 4096
 
 
@@ -233,7 +238,13 @@ class Engine:
         nq = len(self.queues)
         # A large batch is dealt out in equal shares, so every queue's worker
         # thread moves data in parallel; a small one goes to one queue whole.
-        share = self.staged if self.staged < SPREAD_MIN * nq else -(-self.staged // nq)
+        staged = self.staged
+        if staged >= SPREAD_MIN * nq or (
+            nq > 1 and staged > 1 and int(self.st_nbytes[self.st_head : self.st_count].sum()) >= SPREAD_BYTES
+        ):
+            share = -(-staged // nq)
+        else:
+            share = staged
         for _ in range(2 * nq):
             if self.st_head == self.st_count:
                 break
@@ -768,6 +779,40 @@ class TrioBlk:
             finally:
                 self._free(gpa, total)
         return (await self.readv([(sector, nsectors)]))[0]
+
+    async def read_parallel(self, sector: int, nsectors: int) -> bytes | bytearray:
+        """:meth:`read`, cut into one piece per queue so that the device's workers move it in parallel.
+
+        For large reads (each piece at least :data:`PARALLEL_MIN_PIECE`, 4 KiB aligned, none
+        larger than one request); smaller ones are one plain :meth:`read`.  The pieces are one
+        group (one wait) and are copied straight into the returned buffer (one copy, as ``read``).
+        """
+        e = self.e
+        total = nsectors * SECTOR
+        n = min(len(e.queues), total // PARALLEL_MIN_PIECE)
+        if n < 2 or total > n * e.max_request:
+            return await self.read(sector, nsectors)
+        e.check_range(sector, nsectors, False)
+        step = min(e.max_request, (-(-total // n) + 4095) // 4096 * 4096)
+        parts = [(off, min(step, total - off)) for off in range(0, total, step)]
+        bufs: list[int] = []
+        try:
+            for _, b in parts:
+                bufs.append(await self._alloc(b))
+            reqs = [
+                (S.VIRTIO_BLK_T_IN, sector + off // SECTOR, gpa, b)
+                for (off, b), gpa in zip(parts, bufs, strict=True)
+            ]
+            g = await self._submit_group(reqs)
+            e.raise_for(g, S.VIRTIO_BLK_T_IN, [sector + off // SECTOR for off, _ in parts])
+            out = bytearray(total)
+            mv = memoryview(out)
+            for (off, b), gpa in zip(parts, bufs, strict=True):
+                mv[off : off + b] = e.pool.view(gpa, b).data
+            return out
+        finally:
+            for (_, b), gpa in zip(parts, bufs, strict=False):
+                self._free(gpa, b)
 
     async def write(self, sector: int, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` (whole sectors) at ``sector``."""

@@ -893,8 +893,11 @@ class FileSystem:
         """True if no block was freed since ``plan`` was made (so none was reused)."""
         return plan.releases == self.balloc.releases
 
-    async def read_async(self, ino: int, offset: int, size: int) -> bytes:
+    async def read_async(self, ino: int, offset: int, size: int) -> bytes | bytearray | memoryview:
         """:meth:`read`, with the data in flight while other trio tasks run.
+
+        Returns a buffer (bytes, or a bytearray / view of one, never shared with anything else),
+        without the copies that making it ``bytes`` would cost.
 
         The core's only ``await``: the mapping is made atomically before it and
         checked after it.  If any block was freed meanwhile (a truncate or hole
@@ -906,11 +909,11 @@ class FileSystem:
             return plan.assemble([])
         preadv_async = getattr(self.dev, "preadv_async", None)
         if preadv_async is None:
-            return plan.assemble(self.dev.preadv(plan.requests))
+            return plan.assemble_buffer(self.dev.preadv(plan.requests))
         datas = await preadv_async(plan.requests)
         if not self.plan_still_valid(plan):
             return self.read(ino, offset, size)
-        return plan.assemble(datas)
+        return plan.assemble_buffer(datas)
 
     def write(self, ino: int, offset: int, data: Buffer) -> int:
         self._rw()

@@ -314,7 +314,9 @@ class SovOps(pyfuse3.Operations):
         return self._file_info(self._new_fh(a.ino, flags)), entry
 
     @_guard
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(  # type: ignore[override]  # pyfuse3 replies with any contiguous buffer
+        self, fh: int, off: int, size: int
+    ) -> bytes | bytearray | memoryview:
         ino = self._handle(fh).ino
         data = await self.fs.read_async(ino, off, size)
         self.fs.accessed(ino, self.atime)

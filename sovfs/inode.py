@@ -22,7 +22,7 @@ from __future__ import annotations
 import bisect
 import operator
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from sovfs.alloc import BitmapAllocator
@@ -71,7 +71,24 @@ class ReadPlan:
     size: int  # bytes wanted
     releases: int  # block allocator's release counter when the plan was made
 
-    def assemble(self, datas: list[bytes]) -> bytes:
+    def assemble_buffer(self, datas: Sequence[bytes | bytearray]) -> bytes | bytearray | memoryview:
+        """:meth:`assemble` without the final copies: a view when the read is not block-aligned.
+
+        For callers that only hand the bytes on (the FUSE reply copies them once more anyway).
+        """
+        if self.size == 0:
+            return b""
+        if len(datas) == 1 and self.where[0] == 0 and len(datas[0]) == self.span:
+            whole: bytes | bytearray = datas[0]
+            if self.skip == 0 and self.size == len(whole):
+                return whole
+            return memoryview(whole)[self.skip : self.skip + self.size]
+        out = bytearray(self.span)
+        for pos, data in zip(self.where, datas, strict=True):
+            out[pos : pos + len(data)] = data
+        return memoryview(out)[self.skip : self.skip + self.size]
+
+    def assemble(self, datas: Sequence[bytes | bytearray]) -> bytes:
         """The file bytes from the request results (holes and unwritten extents read as zeros)."""
         if self.size == 0:
             return b""

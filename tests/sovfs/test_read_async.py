@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import trio
 import trio.testing
 
@@ -68,4 +70,34 @@ async def test_a_read_whose_blocks_were_freed_meanwhile_is_redone() -> None:
             dev.gate.set()
     assert result == [b""]  # redone against the file as it is now: empty, never b's bytes
     assert fs.read(b, 0, 65536) == b"B" * 65536
+    fs.close()
+
+
+async def test_large_async_reads_across_extents_holes_and_eof() -> None:
+    """Reads big enough to be cut over the ledger's queues return what the synchronous read does."""
+    dev, fs = fresh()
+    ino = fs.create(ROOT_INO, b"big").ino
+    rnd = random.Random(7)
+    pieces = [(0, 700_000), (900_000, 300_000), (1_500_000, 1_100_000), (3_000_000, 123_457)]
+    for off, n in pieces:  # extents with holes between them; EOF in the middle of a block
+        fs.write(ino, off, rnd.randbytes(n))
+    size = fs.getattr(ino).size
+    async with dev.serving():
+        for off, n in [(0, 1 << 20), (4096, 1 << 20), (777, 1_000_000), (2_500_000, 1 << 20), (0, 4 << 20),
+                       (size - 5000, 1 << 20), (800_000, 256 << 10), (size, 1 << 20)]:  # fmt: skip
+            got = await fs.read_async(ino, off, n)
+            assert bytes(got) == fs.read(ino, off, n), (off, n)
+    fs.close()
+
+
+async def test_async_read_never_returns_data_from_before_a_write() -> None:
+    dev, fs = fresh()
+    ino = fs.create(ROOT_INO, b"f").ino
+    fs.write(ino, 0, b"a" * (2 << 20))
+    async with dev.serving():
+        assert bytes(await fs.read_async(ino, 0, 1 << 20)) == b"a" * (1 << 20)
+        fs.write(ino, 4096, b"b" * (1 << 20))
+        assert bytes(await fs.read_async(ino, 0, 1 << 20)) == b"a" * 4096 + b"b" * ((1 << 20) - 4096)
+        fs.truncate(ino, 10_000)
+        assert bytes(await fs.read_async(ino, 0, 1 << 20)) == b"a" * 4096 + b"b" * (10_000 - 4096)
     fs.close()
