@@ -317,8 +317,10 @@ class SovOps(pyfuse3.Operations):
     async def read(  # type: ignore[override]  # pyfuse3 replies with any contiguous buffer
         self, fh: int, off: int, size: int
     ) -> bytes | bytearray | memoryview:
-        ino = self._handle(fh).ino
-        data = await self.fs.read_async(ino, off, size)
+        h = self._handle(fh)
+        ino = h.ino
+        # O_DIRECT reads bypass the kernel's page cache: they get no read-ahead here either.
+        data = await self.fs.read_async(ino, off, size, readahead=not h.flags & os.O_DIRECT)
         self.fs.accessed(ino, self.atime)
         return data
 

@@ -132,7 +132,15 @@ class InodeStore:
         self.per_block = self.bs // INODE_SIZE
         self._recs: dict[int, InodeRec] = {}
         self._ino_goal = 3
+        #: bumped by every change to any file's data, block map or size (and by a transaction
+        #: abort, which rolls such changes back): a copy of file data taken at one value is
+        #: current while the value is unchanged (``FileSystem``'s read-ahead relies on it).
+        self.mutations = 0
         journal.abort_hooks.append(self._recs.clear)
+        journal.abort_hooks.append(self._mutated)
+
+    def _mutated(self) -> None:
+        self.mutations += 1
 
     # --------------------------------------------------------------------------------- inodes
     def _slot(self, ino: int) -> tuple[int, int]:
@@ -199,6 +207,7 @@ class InodeStore:
 
     def free(self, tx: Transaction, rec: InodeRec) -> None:
         """Release all blocks of ``rec`` and mark the inode free (keeping its generation)."""
+        self.mutations += 1
         self.punch(tx, rec, 0, MAX_LOGICAL_BLOCKS)
         for b in rec.tree_blocks:
             self.blocks.release(tx, b)
@@ -363,6 +372,7 @@ class InodeStore:
         self, tx: Transaction, rec: InodeRec, first: int, count: int
     ) -> list[tuple[int, int, int]]:
         """Map every hole in [first, first+count) to new blocks; returns the new (logical, phys, n)."""
+        self.mutations += 1
         if first + count > MAX_LOGICAL_BLOCKS:
             raise FileTooBig(f"logical block {first + count} beyond the 2^32 limit")
         new: list[tuple[int, int, int]] = []
@@ -388,6 +398,7 @@ class InodeStore:
 
     def punch(self, tx: Transaction, rec: InodeRec, first: int, end: int) -> int:
         """Unmap and free logical blocks [first, end). Returns the number of blocks freed."""
+        self.mutations += 1
         kept: list[Extent] = []
         freed = 0
         for e in rec.extents:
@@ -430,6 +441,7 @@ class InodeStore:
 
     def write(self, tx: Transaction, rec: InodeRec, offset: int, data: Buffer) -> int:
         """Write ``data`` at ``offset``: allocate holes, RMW partial edge blocks, one ``pwritev``."""
+        self.mutations += 1
         mv = memoryview(data).cast("B")
         size = len(mv)
         if size == 0:
@@ -494,6 +506,7 @@ class InodeStore:
 
     def truncate(self, tx: Transaction, rec: InodeRec, size: int) -> None:
         """Set the size; shrinking frees whole blocks past the end and zeroes the tail of the last block."""
+        self.mutations += 1
         bs = self.bs
         if size > MAX_LOGICAL_BLOCKS * bs:
             raise FileTooBig(f"size {size} beyond the maximum file size")
