@@ -780,39 +780,31 @@ class TrioBlk:
                 self._free(gpa, total)
         return (await self.readv([(sector, nsectors)]))[0]
 
-    async def read_parallel(self, sector: int, nsectors: int) -> bytes | bytearray:
+    async def read_parallel(self, sector: int, nsectors: int) -> bytes:
         """:meth:`read`, cut into one piece per queue so that the device's workers move it in parallel.
 
-        For large reads (each piece at least :data:`PARALLEL_MIN_PIECE`, 4 KiB aligned, none
-        larger than one request); smaller ones are one plain :meth:`read`.  The pieces are one
-        group (one wait) and are copied straight into the returned buffer (one copy, as ``read``).
+        For reads of up to one request (each piece at least :data:`PARALLEL_MIN_PIECE`, 4 KiB
+        aligned); others are a plain :meth:`read`.  The pieces are one
+        group (one wait) into one pool buffer, copied out once (as ``read``).
         """
         e = self.e
         total = nsectors * SECTOR
         n = min(len(e.queues), total // PARALLEL_MIN_PIECE)
-        if n < 2 or total > n * e.max_request:
+        if n < 2 or total > e.max_request:  # larger: read() goes through readv, many requests already
             return await self.read(sector, nsectors)
         e.check_range(sector, nsectors, False)
         step = min(e.max_request, (-(-total // n) + 4095) // 4096 * 4096)
         parts = [(off, min(step, total - off)) for off in range(0, total, step)]
-        bufs: list[int] = []
+        # One buffer for all the pieces (each request covers its part of it): the same pool
+        # class as a plain read, and nothing held while waiting for more.
+        gpa = await self._alloc(total)
         try:
-            for _, b in parts:
-                bufs.append(await self._alloc(b))
-            reqs = [
-                (S.VIRTIO_BLK_T_IN, sector + off // SECTOR, gpa, b)
-                for (off, b), gpa in zip(parts, bufs, strict=True)
-            ]
+            reqs = [(S.VIRTIO_BLK_T_IN, sector + off // SECTOR, gpa + off, b) for off, b in parts]
             g = await self._submit_group(reqs)
             e.raise_for(g, S.VIRTIO_BLK_T_IN, [sector + off // SECTOR for off, _ in parts])
-            out = bytearray(total)
-            mv = memoryview(out)
-            for (off, b), gpa in zip(parts, bufs, strict=True):
-                mv[off : off + b] = e.pool.view(gpa, b).data
-            return out
+            return e.pool.view(gpa, total).tobytes()
         finally:
-            for (_, b), gpa in zip(parts, bufs, strict=False):
-                self._free(gpa, b)
+            self._free(gpa, total)
 
     async def write(self, sector: int, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` (whole sectors) at ``sector``."""

@@ -108,7 +108,7 @@ class LedgerBlockDevice:
         """:meth:`preadv` that lets other trio tasks run while the data is in flight.
 
         A single large range is cut over the ledger's queues, so that the device's worker
-        threads read its pieces in parallel (the results may then be bytearrays).  Outside
+        threads read its pieces in parallel.  Outside
         :meth:`serving` it is the blocking call.
         """
         if self._trio is None:

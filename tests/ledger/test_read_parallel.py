@@ -26,7 +26,7 @@ def _ledger(nbytes: int, **kw: object) -> Ledger:
         (7, (1 << 20) - 3 * SECTOR),  # unaligned start and length
         (1, 2 * PARALLEL_MIN_PIECE + SECTOR),  # a short last piece
         (3, PARALLEL_MIN_PIECE),  # too small to cut: one plain read
-        (0, 2 << 20),  # larger than one request: one piece per max request
+        (0, 2 << 20),  # larger than one request: a plain read
     ],
 )
 async def test_read_parallel_matches_the_disk(sector: int, nbytes: int) -> None:
@@ -57,5 +57,27 @@ async def test_read_parallel_uses_every_queue() -> None:
             after = [int(q.q[K.Q_SUBMITTED]) for q in qs]
             assert sorted(a - b for a, b in zip(after, before, strict=True)) == [0, 2]
         assert bytes(got) == bytes(led.backend.ram[: 1 << 20])  # type: ignore[attr-defined]
+    finally:
+        led.close()
+
+
+async def test_read_parallel_with_a_short_pool_never_deadlocks() -> None:
+    """Many concurrent large reads on a pool with an odd number of piece buffers all finish."""
+    import trio
+
+    led = _ledger(16 << 20, pool_bytes=3 << 20)
+    try:
+        ram = led.backend.ram  # type: ignore[attr-defined]
+        got: dict[int, bytes] = {}
+        async with led.trio() as blk:
+
+            async def reader(i: int) -> None:
+                got[i] = bytes(await blk.read_parallel(i * 2048, 2048))
+
+            with trio.fail_after(30):
+                async with trio.open_nursery() as n:
+                    for i in range(12):
+                        n.start_soon(reader, i)
+        assert got == {i: bytes(ram[i << 20 : (i + 1) << 20]) for i in range(12)}
     finally:
         led.close()
