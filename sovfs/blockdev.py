@@ -104,16 +104,18 @@ class LedgerBlockDevice:
             finally:
                 self._trio = None
 
-    async def preadv_async(self, requests: Sequence[tuple[int, int]]) -> list[bytes]:
+    async def preadv_async(self, requests: Sequence[tuple[int, int]]) -> Sequence[bytes | bytearray]:
         """:meth:`preadv` that lets other trio tasks run while the data is in flight.
 
-        Outside :meth:`serving` it is the blocking call.
+        A single large range is cut over the ledger's queues, so that the device's worker
+        threads read its pieces in parallel.  Outside
+        :meth:`serving` it is the blocking call.
         """
         if self._trio is None:
             return self.preadv(requests)
-        if len(requests) == 1:  # the common small read: one request, none of readv's windowing
+        if len(requests) == 1:  # the common read: one range, none of readv's windowing
             off, ln = requests[0]
-            return [await self._trio.read(off // SECTOR, ln // SECTOR)]
+            return [await self._trio.read_parallel(off // SECTOR, ln // SECTOR)]
         return await self._trio.readv([(off // SECTOR, ln // SECTOR) for off, ln in requests])
 
     def close(self) -> None:

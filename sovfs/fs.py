@@ -34,6 +34,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import trio
+
 from sovfs.alloc import BitmapAllocator
 from sovfs.blockdev import BlockDevice, Buffer
 from sovfs.cache import BufferCache
@@ -165,6 +167,22 @@ def check_xattr_name(name: bytes) -> None:
         raise NotSupported(f"xattr namespace of {name!r} not supported")
 
 
+#: Bytes a sequential page-cache read fetches from the device at once (:meth:`FileSystem.read_async`).
+READAHEAD_CHUNK = 1 << 20
+#: Files with a read-ahead chunk at a time.
+READAHEAD_FILES = 8
+
+
+@dataclass(eq=False)
+class _ReadAhead:
+    start: int  # file offset of data[0] (block-aligned)
+    data: bytes | bytearray | memoryview  # the file's bytes from start, up to READAHEAD_CHUNK or EOF
+    mutations: int  # InodeStore.mutations ...
+    releases: int  # ... and BitmapAllocator.releases when the chunk was mapped
+    eof: bool  # data ends at the end of the file
+    done: trio.Event | None  # set when the device read completes (None once it has)
+
+
 class FileSystem:
     """A mounted SovFS on a BlockDevice. Use as a context manager or call :meth:`close`."""
 
@@ -186,6 +204,8 @@ class FileSystem:
         self.journal.uuid = sb.uuid
         self._committed_orphan_head = sb.orphan_head
         self._data_writes = 0  # file data writes issued (ordered data) ...
+        self._ra: dict[int, _ReadAhead] = {}  # ino -> its read-ahead chunk (see read_async)
+        self._ra_next: dict[int, int] = {}  # ino -> where its last read-ahead-eligible read ended
         self._data_flushed = 0  # ... and how many of them the last FLUSH covered
         self.recovery: Recovery | None = None  # what mount replayed
         self.balloc = BitmapAllocator(
@@ -682,6 +702,8 @@ class FileSystem:
         n = self._open.get(ino, 0) - 1
         if n <= 0:
             self._open.pop(ino, None)
+            self._ra.pop(ino, None)
+            self._ra_next.pop(ino, None)
             if not self.read_only:
                 self._free_if_unused(ino)
         else:
@@ -893,24 +915,98 @@ class FileSystem:
         """True if no block was freed since ``plan`` was made (so none was reused)."""
         return plan.releases == self.balloc.releases
 
-    async def read_async(self, ino: int, offset: int, size: int) -> bytes:
+    async def read_async(
+        self, ino: int, offset: int, size: int, *, readahead: bool = False
+    ) -> bytes | bytearray | memoryview:
         """:meth:`read`, with the data in flight while other trio tasks run.
 
         The core's only ``await``: the mapping is made atomically before it and
         checked after it.  If any block was freed meanwhile (a truncate or hole
         punch in another task), the mapped blocks may have been reused, so the
         read is redone synchronously.  Devices without ``preadv_async`` block.
+
+        ``readahead``: the caller reads through a page cache (not O_DIRECT), so a
+        sequential run of reads may be served from a :data:`READAHEAD_CHUNK` read
+        from the device at once (see :meth:`_read_ahead`).
+
+        Returns a buffer (bytes, or a bytearray / view of one, never written again),
+        without the copies that making it ``bytes`` would cost.
         """
+        if readahead:
+            data = await self._read_ahead(ino, offset, size)
+            if data is not None:
+                return data
         plan = self.read_plan(ino, offset, size)
         if not plan.requests:
             return plan.assemble([])
         preadv_async = getattr(self.dev, "preadv_async", None)
         if preadv_async is None:
-            return plan.assemble(self.dev.preadv(plan.requests))
+            return plan.assemble_buffer(self.dev.preadv(plan.requests))
         datas = await preadv_async(plan.requests)
         if not self.plan_still_valid(plan):
             return self.read(ino, offset, size)
-        return plan.assemble(datas)
+        return plan.assemble_buffer(datas)
+
+    async def _read_ahead(self, ino: int, offset: int, size: int) -> bytes | bytearray | memoryview | None:
+        """Serve a sequential read from the file's read-ahead chunk; ``None``: read it normally.
+
+        A read that continues the previous one (or starts the file) and is not inside the
+        file's chunk reads :data:`READAHEAD_CHUNK` bytes from its block on, as one device
+        read cut over the ledger's queues; the reads that follow (the kernel's read-ahead
+        sends 128-256 KiB at a time, two in flight) are then slices of it, without a device
+        round trip each.  Reads that arrive while the chunk is in flight wait for it.
+
+        Coherence: a chunk is the file's bytes as of one value of ``InodeStore.mutations``
+        (bumped by every data write, truncate, hole punch, allocation or free) and of the block
+        allocator's ``releases``; it is used only while both are unchanged, so no write is
+        ever hidden.  A chunk whose fill raced with a change is dropped, never stored.
+        """
+        if size <= 0 or size > READAHEAD_CHUNK or getattr(self.dev, "preadv_async", None) is None:
+            return None
+        sequential = offset == 0 or self._ra_next.get(ino) == offset
+        self._ra_next[ino] = offset + size
+        while True:
+            c = self._ra.get(ino)
+            if c is None or not c.start <= offset < c.start + READAHEAD_CHUNK:
+                break
+            if c.done is not None:
+                await c.done.wait()  # the chunk this read falls into is in flight
+                continue
+            if c.mutations != self.inodes.mutations or c.releases != self.balloc.releases:
+                del self._ra[ino]  # stale: something changed since it was read
+                break
+            pos = offset - c.start
+            if pos + size <= len(c.data) or (c.eof and pos < len(c.data)):
+                return memoryview(c.data)[pos : pos + size]
+            break
+        if not sequential:
+            return None
+        start = offset - offset % self.bs
+        mutations, releases = self.inodes.mutations, self.balloc.releases
+        plan = self.read_plan(ino, start, READAHEAD_CHUNK)
+        if len(plan.requests) != 1 or plan.size <= size:
+            return None  # holes, fragments, or nothing to gain: the normal path
+        done = trio.Event()
+        chunk = _ReadAhead(start, b"", mutations, releases, plan.size < READAHEAD_CHUNK, done)
+        self._ra[ino] = chunk
+        while len(self._ra) > READAHEAD_FILES:
+            self._ra.pop(next(iter(self._ra)))
+        try:
+            datas = await self.dev.preadv_async(plan.requests)  # type: ignore[attr-defined]
+        except BaseException:
+            if self._ra.get(ino) is chunk:
+                del self._ra[ino]
+            raise
+        finally:
+            chunk.done = None
+            done.set()
+        if mutations != self.inodes.mutations or releases != self.balloc.releases:
+            if self._ra.get(ino) is chunk:
+                del self._ra[ino]
+            return None
+        chunk.data = plan.assemble_buffer(datas)
+        pos = offset - start
+        return memoryview(chunk.data)[pos : pos + size]
 
     def write(self, ino: int, offset: int, data: Buffer) -> int:
         self._rw()

@@ -314,9 +314,13 @@ class SovOps(pyfuse3.Operations):
         return self._file_info(self._new_fh(a.ino, flags)), entry
 
     @_guard
-    async def read(self, fh: int, off: int, size: int) -> bytes:
-        ino = self._handle(fh).ino
-        data = await self.fs.read_async(ino, off, size)
+    async def read(  # type: ignore[override]  # pyfuse3 replies with any contiguous buffer
+        self, fh: int, off: int, size: int
+    ) -> bytes | bytearray | memoryview:
+        h = self._handle(fh)
+        ino = h.ino
+        # O_DIRECT reads bypass the kernel's page cache: they get no read-ahead here either.
+        data = await self.fs.read_async(ino, off, size, readahead=not h.flags & os.O_DIRECT)
         self.fs.accessed(ino, self.atime)
         return data
 

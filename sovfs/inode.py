@@ -22,7 +22,7 @@ from __future__ import annotations
 import bisect
 import operator
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from sovfs.alloc import BitmapAllocator
@@ -71,7 +71,24 @@ class ReadPlan:
     size: int  # bytes wanted
     releases: int  # block allocator's release counter when the plan was made
 
-    def assemble(self, datas: list[bytes]) -> bytes:
+    def assemble_buffer(self, datas: Sequence[bytes | bytearray]) -> bytes | bytearray | memoryview:
+        """:meth:`assemble` without the final copies: a view when the read is not block-aligned.
+
+        For callers that only hand the bytes on (the FUSE reply copies them once more anyway).
+        """
+        if self.size == 0:
+            return b""
+        if len(datas) == 1 and self.where[0] == 0 and len(datas[0]) == self.span:
+            whole: bytes | bytearray = datas[0]
+            if self.skip == 0 and self.size == len(whole):
+                return whole
+            return memoryview(whole)[self.skip : self.skip + self.size]
+        out = bytearray(self.span)
+        for pos, data in zip(self.where, datas, strict=True):
+            out[pos : pos + len(data)] = data
+        return memoryview(out)[self.skip : self.skip + self.size]
+
+    def assemble(self, datas: Sequence[bytes | bytearray]) -> bytes:
         """The file bytes from the request results (holes and unwritten extents read as zeros)."""
         if self.size == 0:
             return b""
@@ -118,7 +135,14 @@ class InodeStore:
         #: outside an operation
         self._pending: dict[int, InodeRec] = {}
         self._ino_goal = 3
-        journal.abort_hooks += [self._recs.clear, self._pending.clear]
+        #: bumped by every change to any file's data, block map or size (and by a transaction
+        #: abort, which rolls such changes back): a copy of file data taken at one value is
+        #: current while the value is unchanged (``FileSystem``'s read-ahead relies on it).
+        self.mutations = 0
+        journal.abort_hooks += [self._recs.clear, self._pending.clear, self._mutated]
+
+    def _mutated(self) -> None:
+        self.mutations += 1
 
     # --------------------------------------------------------------------------------- inodes
     def _slot(self, ino: int) -> tuple[int, int]:
@@ -208,6 +232,7 @@ class InodeStore:
 
     def free(self, tx: Transaction, rec: InodeRec) -> None:
         """Release all blocks of ``rec`` and mark the inode free (keeping its generation)."""
+        self.mutations += 1
         self.punch(tx, rec, 0, MAX_LOGICAL_BLOCKS)
         for b in rec.tree_blocks:
             self.blocks.release(tx, b)
@@ -378,6 +403,7 @@ class InodeStore:
         self, tx: Transaction, rec: InodeRec, first: int, count: int
     ) -> list[tuple[int, int, int]]:
         """Map every hole in [first, first+count) to new blocks; returns the new (logical, phys, n)."""
+        self.mutations += 1
         if first + count > MAX_LOGICAL_BLOCKS:
             raise FileTooBig(f"logical block {first + count} beyond the 2^32 limit")
         new: list[tuple[int, int, int]] = []
@@ -403,6 +429,7 @@ class InodeStore:
 
     def punch(self, tx: Transaction, rec: InodeRec, first: int, end: int) -> int:
         """Unmap and free logical blocks [first, end). Returns the number of blocks freed."""
+        self.mutations += 1
         kept: list[Extent] = []
         freed = 0
         for e in rec.extents:
@@ -445,6 +472,7 @@ class InodeStore:
 
     def write(self, tx: Transaction, rec: InodeRec, offset: int, data: Buffer) -> int:
         """Write ``data`` at ``offset``: allocate holes, RMW partial edge blocks, one ``pwritev``."""
+        self.mutations += 1
         mv = memoryview(data).cast("B")
         size = len(mv)
         if size == 0:
@@ -509,6 +537,7 @@ class InodeStore:
 
     def truncate(self, tx: Transaction, rec: InodeRec, size: int) -> None:
         """Set the size; shrinking frees whole blocks past the end and zeroes the tail of the last block."""
+        self.mutations += 1
         bs = self.bs
         if size > MAX_LOGICAL_BLOCKS * bs:
             raise FileTooBig(f"size {size} beyond the maximum file size")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import random
+
 import trio
 import trio.testing
 
@@ -68,4 +71,131 @@ async def test_a_read_whose_blocks_were_freed_meanwhile_is_redone() -> None:
             dev.gate.set()
     assert result == [b""]  # redone against the file as it is now: empty, never b's bytes
     assert fs.read(b, 0, 65536) == b"B" * 65536
+    fs.close()
+
+
+async def test_large_async_reads_across_extents_holes_and_eof() -> None:
+    """Reads big enough to be cut over the ledger's queues return what the synchronous read does."""
+    dev, fs = fresh()
+    ino = fs.create(ROOT_INO, b"big").ino
+    rnd = random.Random(7)
+    pieces = [(0, 700_000), (900_000, 300_000), (1_500_000, 1_100_000), (3_000_000, 123_457)]
+    for off, n in pieces:  # extents with holes between them; EOF in the middle of a block
+        fs.write(ino, off, rnd.randbytes(n))
+    size = fs.getattr(ino).size
+    async with dev.serving():
+        for off, n in [(0, 1 << 20), (4096, 1 << 20), (777, 1_000_000), (2_500_000, 1 << 20), (0, 4 << 20),
+                       (size - 5000, 1 << 20), (800_000, 256 << 10), (size, 1 << 20)]:  # fmt: skip
+            got = await fs.read_async(ino, off, n)
+            assert bytes(got) == fs.read(ino, off, n), (off, n)
+    fs.close()
+
+
+async def test_async_read_never_returns_data_from_before_a_write() -> None:
+    dev, fs = fresh()
+    ino = fs.create(ROOT_INO, b"f").ino
+    fs.write(ino, 0, b"a" * (2 << 20))
+    async with dev.serving():
+        assert bytes(await fs.read_async(ino, 0, 1 << 20)) == b"a" * (1 << 20)
+        fs.write(ino, 4096, b"b" * (1 << 20))
+        assert bytes(await fs.read_async(ino, 0, 1 << 20)) == b"a" * 4096 + b"b" * ((1 << 20) - 4096)
+        fs.truncate(ino, 10_000)
+        assert bytes(await fs.read_async(ino, 0, 1 << 20)) == b"a" * 4096 + b"b" * (10_000 - 4096)
+    fs.close()
+
+
+async def _seq(fs, ino: int, start: int, end: int, step: int = 256 << 10) -> bytes:  # type: ignore[no-untyped-def]
+    """Read [start, end) the way the kernel's read-ahead does: sequential page-cache reads."""
+    out = bytearray()
+    for off in range(start, end, step):
+        out += await fs.read_async(ino, off, step, readahead=True)
+    return bytes(out)
+
+
+async def test_readahead_serves_sequential_reads_from_one_device_read_per_chunk() -> None:
+    from sovfs.fs import READAHEAD_CHUNK
+
+    dev, fs = fresh()
+    ino = fs.create(ROOT_INO, b"f").ino
+    data = random.Random(1).randbytes(3 * READAHEAD_CHUNK + 12345)  # EOF inside the last chunk
+    fs.write(ino, 0, data)
+    async with dev.serving():
+        calls = _count_async_reads(dev)
+        assert await _seq(fs, ino, 0, len(data) + 300_000) == data
+        assert calls[0] == 4  # one per chunk, not one per 256 KiB read
+        # Concurrent readers of one chunk share its device read.
+        calls[0] = 0
+        fs._ra.clear()
+        got: dict[int, bytes] = {}
+
+        async def reader(off: int) -> None:
+            got[off] = bytes(await fs.read_async(ino, off, 256 << 10, readahead=True))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(reader, 0)
+            await trio.testing.wait_all_tasks_blocked()  # its chunk is in flight ...
+            for off in (256 << 10, 512 << 10):  # ... when the next reads arrive
+                n.start_soon(reader, off)
+        assert got == {off: data[off : off + (256 << 10)] for off in got}
+        assert calls[0] == 1
+    fs.close()
+
+
+def _count_async_reads(dev: RamLedgerDevice) -> list[int]:
+    calls = [0]
+    orig = dev.preadv_async
+
+    async def counting(requests):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        return await orig(requests)
+
+    dev.preadv_async = counting  # type: ignore[method-assign]
+    return calls
+
+
+async def test_readahead_data_is_never_stale_after_write_truncate_or_free() -> None:
+    dev, fs = fresh()
+    a = fs.create(ROOT_INO, b"a").ino
+    fs.write(a, 0, b"a" * (2 << 20))
+    async with dev.serving():
+        assert await fs.read_async(a, 0, 4096, readahead=True) == b"a" * 4096  # chunk [0, 1 MiB) cached
+        fs.write(a, 8192, b"W" * 4096)  # overwrite in place: no block freed
+        assert await fs.read_async(a, 4096, 8192, readahead=True) == b"a" * 4096 + b"W" * 4096
+        assert await _seq(fs, a, 0, 1 << 20, 65536) == b"a" * 8192 + b"W" * 4096 + b"a" * ((1 << 20) - 12288)
+        fs.truncate(a, 100_000)  # shrink: the chunk's tail is gone, EOF moved
+        assert await fs.read_async(a, 65536, 65536, readahead=True) == b"a" * (100_000 - 65536)
+        fs.truncate(a, 200_000)  # grow: zeros, not the old bytes, past the old EOF
+        got = await fs.read_async(a, 0, 262144, readahead=True)
+        assert bytes(got) == b"a" * 8192 + b"W" * 4096 + b"a" * (100_000 - 12288) + bytes(100_000)
+        # The blocks of a truncated file reused by another file: a's chunk never shows b's bytes.
+        assert await fs.read_async(a, 0, 4096, readahead=True) == b"a" * 4096
+        fs.truncate(a, 0)
+        b = fs.create(ROOT_INO, b"b").ino
+        fs.write(b, 0, b"B" * (1 << 20))
+        assert await fs.read_async(a, 0, 4096, readahead=True) == b""
+        fs.write(a, 0, b"c" * 5000)
+        assert await fs.read_async(a, 0, 8192, readahead=True) == b"c" * 5000
+        assert await _seq(fs, b, 0, 1 << 20) == b"B" * (1 << 20)
+    fs.close()
+
+
+async def test_readahead_fill_racing_a_write_is_not_kept() -> None:
+    """A write while the chunk is in flight: the read may see either, the next read sees the write."""
+    dev = GatedDevice(64 << 20)
+    from sovfs.fs import FileSystem
+    from sovfs.mkfs_core import MkfsParams, make_filesystem
+
+    make_filesystem(dev, MkfsParams())
+    fs = FileSystem.mount(dev)
+    a = fs.create(ROOT_INO, b"a").ino
+    fs.write(a, 0, b"A" * (1 << 20))
+    dev.gate = trio.Event()
+    async with dev.serving():
+        async with trio.open_nursery() as n:
+            n.start_soon(functools.partial(fs.read_async, a, 0, 65536, readahead=True))
+            await trio.testing.wait_all_tasks_blocked()  # the chunk is mapped and parked at the gate
+            fs.write(a, 65536, b"N" * 65536)
+            dev.gate.set()
+        assert not fs._ra  # dropped, not stored
+        assert await fs.read_async(a, 65536, 65536, readahead=True) == b"N" * 65536
     fs.close()
