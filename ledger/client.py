@@ -705,6 +705,17 @@ class TrioBlk:
                 if K.poll_used(e.mem, q.q, budget // len(busy)):
                     self._reap(q)
 
+    async def _alloc_first(self, nbytes: int, *, held: bool) -> int | None:
+        """A buffer for the next piece of a multi-request operation.
+
+        A task that already holds buffers never waits for more (None when the pool is short):
+        two tasks each holding part of what they need and waiting for the rest would wait
+        forever.  The caller submits what it holds and comes back for the remainder.
+        """
+        if held:
+            return self.e.pool.alloc(nbytes)
+        return await self._alloc(nbytes)
+
     async def _alloc(self, nbytes: int) -> int:
         while True:
             gpa = self.e.pool.alloc(nbytes)
@@ -823,24 +834,27 @@ class TrioBlk:
                 return
             finally:
                 self._free(gpa, total)
-        win = max(e.max_request, 8 << 20)
-        for w0 in range(0, len(src), win):
-            part = e.split(sector + w0 // SECTOR, min(win, len(src) - w0))
-            bufs: list[int] = []
+        pieces = e.split(sector, total)
+        done = 0
+        while done < len(pieces):
+            chunk: list[tuple[int, int, int]] = []  # (sector, bytes, gpa)
+            room = max(e.max_request, 8 << 20)
             try:
-                for _, n in part:
-                    bufs.append(await self._alloc(n))
-                pos = w0
-                for (_, n), b in zip(part, bufs, strict=True):
-                    e.pool.view(b, n)[:] = src[pos : pos + n]
-                    pos += n
-                g = await self._submit_group(
-                    [(S.VIRTIO_BLK_T_OUT, s, b, n) for (s, n), b in zip(part, bufs, strict=True)]
-                )
-                e.raise_for(g, S.VIRTIO_BLK_T_OUT, [s for s, _ in part])
+                while done + len(chunk) < len(pieces) and (not chunk or room > 0):
+                    s, n = pieces[done + len(chunk)]
+                    piece_gpa = await self._alloc_first(n, held=bool(chunk))
+                    if piece_gpa is None:
+                        break  # the pool is short: move what we hold, come back for the rest
+                    pos = (s - sector) * SECTOR
+                    e.pool.view(piece_gpa, n)[:] = src[pos : pos + n]
+                    chunk.append((s, n, piece_gpa))
+                    room -= n
+                g = await self._submit_group([(S.VIRTIO_BLK_T_OUT, s, gpa, n) for s, n, gpa in chunk])
+                e.raise_for(g, S.VIRTIO_BLK_T_OUT, [s for s, _, _ in chunk])
             finally:
-                for (_, n), b in zip(part, bufs, strict=False):
-                    self._free(b, n)
+                for _, n, gpa in chunk:
+                    self._free(gpa, n)
+            done += len(chunk)
 
     async def readv(self, requests: Sequence[tuple[int, int]]) -> list[bytes]:
         """Read many (sector, nsectors) ranges with all their requests in flight at once.
@@ -863,7 +877,10 @@ class TrioBlk:
             try:
                 while done + len(chunk) < len(pieces) and (not chunk or room > 0):
                     i, s, b = pieces[done + len(chunk)]
-                    chunk.append((i, s, b, await self._alloc(b)))
+                    piece_gpa = await self._alloc_first(b, held=bool(chunk))
+                    if piece_gpa is None:
+                        break  # the pool is short: move what we hold, come back for the rest
+                    chunk.append((i, s, b, piece_gpa))
                     room -= b
                 g = await self._submit_group([(S.VIRTIO_BLK_T_IN, s, gpa, b) for _, s, b, gpa in chunk])
                 e.raise_for(g, S.VIRTIO_BLK_T_IN, [s for _, s, _, _ in chunk])

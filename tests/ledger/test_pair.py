@@ -345,3 +345,33 @@ def test_trapped_notify_serves_on_the_callers_thread_without_workers() -> None:
         # the write completed on this thread, so the bytes are in the backend already
         assert bytes(led.backend.ram[10 * 512 : 10 * 512 + 4096]) == b"\xab" * 4096
         assert blk.read(10, 8) == b"\xab" * 4096
+
+
+async def test_multi_piece_operations_never_hold_buffers_while_waiting() -> None:
+    """Many tasks, each needing more pool buffers at once than the pool can give them all.
+
+    Each large write or multi-range read is several requests; a task that took some buffers and
+    then waited for the rest would deadlock with the others doing the same.  Everything must
+    complete, with the data right.
+    """
+    size = 16 * MB
+    with Ledger.ram(size, num_queues=2, device_queues=2, queue_size=64, pool_bytes=2 * MB,
+                    max_request_bytes=256 * 1024) as led:  # fmt: skip
+        model = Model(size)
+        async with led.trio() as blk:
+
+            async def worker(k: int) -> None:
+                base = k * (MB // 512)  # 1 MiB region per task, in sectors
+                data = bytes([k + 1]) * MB
+                await blk.write(base, data)
+                model.write(base, data)
+                half = MB // 512 // 2
+                parts = await blk.readv([(base, half), (base + half, half), (base, 2 * half)])
+                model.check(base, parts[0])
+                model.check(base + half, parts[1])
+                model.check(base, parts[2])
+
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    for k in range(12):
+                        nursery.start_soon(worker, k)
