@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import shutil
 import stat
@@ -162,3 +163,27 @@ def test_writeback_cache_mount(image: Path, mnt_factory: object, tmp_path: Path)
         m.unmount()
     finally:
         m.cleanup()
+
+
+def test_readahead_window_and_sequential_reads(mount: Mount) -> None:
+    """The mount sets its kernel read-ahead window (-o readahead, 1 MiB by default); buffered and
+    O_DIRECT sequential reads of a file spanning several 1 MiB read-ahead chunks return its bytes."""
+    dev = os.stat(mount.mnt).st_dev
+    sysfs = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    assert sysfs.read_text().strip() == "1024"
+    data = os.urandom(5 * 1024 * 1024 + 12345)
+    f = mount.mnt / "seq.bin"
+    f.write_bytes(data)
+    subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=False)
+    with open(f, "rb") as r:
+        got = b"".join(iter(lambda: r.read(300_000), b""))
+    assert got == data
+    fd = os.open(f, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, 1 << 20)  # page-aligned, as O_DIRECT wants
+        out = bytearray()
+        while n := os.readv(fd, [buf]):
+            out += buf[:n]
+    finally:
+        os.close(fd)
+    assert bytes(out) == data
