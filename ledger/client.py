@@ -58,8 +58,9 @@ from .errors import DeviceError, DriverError, IOFailure
 SECTOR = S.VIRTIO_BLK_SECTOR_SIZE
 #: Batches of at least this many requests per queue are spread over all queues.
 SPREAD_MIN = 8
-#: ... and so are smaller batches (2+ requests) that move at least this many bytes: a large
-#: read cut into pieces (:meth:`TrioBlk.read_parallel`) has one piece per queue worker.
+#: ... and so are smaller batches (2+ reads) that move at least this many bytes: a large read cut
+#: into pieces (:meth:`TrioBlk.read_parallel`) has one piece per queue worker.  Not writes:
+#: pwrites to one image file serialize on its inode lock, so a second worker only adds a hand-off.
 SPREAD_BYTES = 256 << 10
 #: :meth:`TrioBlk.read_parallel` pieces are at least this large (smaller ones cost more than they overlap).
 PARALLEL_MIN_PIECE = 128 << 10
@@ -240,7 +241,10 @@ class Engine:
         # thread moves data in parallel; a small one goes to one queue whole.
         staged = self.staged
         if staged >= SPREAD_MIN * nq or (
-            nq > 1 and staged > 1 and int(self.st_nbytes[self.st_head : self.st_count].sum()) >= SPREAD_BYTES
+            nq > 1
+            and staged > 1
+            and int(self.st_nbytes[self.st_head : self.st_count].sum()) >= SPREAD_BYTES
+            and not (self.st_rtype[self.st_head : self.st_count] != S.VIRTIO_BLK_T_IN).any()
         ):
             share = -(-staged // nq)
         else:
