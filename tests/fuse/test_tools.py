@@ -165,9 +165,11 @@ def test_writeback_cache_mount(image: Path, mnt_factory: object, tmp_path: Path)
         m.cleanup()
 
 
-def test_readahead_window_and_sequential_reads(mount: Mount) -> None:
-    """The mount sets its kernel read-ahead window (-o readahead, 1 MiB by default); buffered and
-    O_DIRECT sequential reads of a file spanning several 1 MiB read-ahead chunks return its bytes."""
+def test_readahead_window_and_sequential_reads(image: Path, mnt_factory: object) -> None:
+    """-o readahead=1024 sets the mount's kernel read-ahead window; buffered and O_DIRECT
+    sequential reads of a file spanning several 1 MiB read-ahead chunks return its bytes."""
+    mount: Mount = mnt_factory(image)  # type: ignore[operator]
+    mount.mount("readahead=1024")
     dev = os.stat(mount.mnt).st_dev
     sysfs = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
     assert sysfs.read_text().strip() == "1024"
@@ -187,3 +189,4 @@ def test_readahead_window_and_sequential_reads(mount: Mount) -> None:
     finally:
         os.close(fd)
     assert bytes(out) == data
+    mount.unmount()
