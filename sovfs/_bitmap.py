@@ -18,12 +18,18 @@ from numba import njit
 __all__ = ["count_set", "find_run", "set_range"]
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _byte(bits: np.ndarray, pending: np.ndarray, i: int) -> int:
+    """Byte ``i`` of the bitmap as the search sees it: used or pending bits set."""
+    b = bits[i]
+    if pending.size:
+        b |= pending[i]
+    return int(b)
+
+
 @njit(cache=True, nogil=True)
 def _used(bits: np.ndarray, pending: np.ndarray, r: int) -> bool:
-    b = bits[r >> 3]
-    if pending.size:
-        b |= pending[r >> 3]
-    return bool((b >> (r & 7)) & 1 != 0)
+    return (_byte(bits, pending, r >> 3) >> (r & 7)) & 1 != 0
 
 
 @njit(cache=True, nogil=True)
@@ -38,25 +44,18 @@ def find_run(bits: np.ndarray, pending: np.ndarray, r0: int, nbits: int, want: i
     r = r0
     while r < nbits:
         # skip whole used bytes quickly
-        if (r & 7) == 0 and r + 8 <= nbits:
-            b = bits[r >> 3]
-            if pending.size:
-                b |= pending[r >> 3]
-            if b == 0xFF:
-                r += 8
-                continue
+        if (r & 7) == 0 and r + 8 <= nbits and _byte(bits, pending, r >> 3) == 0xFF:
+            r += 8
+            continue
         if _used(bits, pending, r):
             r += 1
             continue
         start = r
         while r < nbits and r - start < want:
-            if (r & 7) == 0 and r + 8 <= nbits and r - start + 8 <= want:
-                b = bits[r >> 3]
-                if pending.size:
-                    b |= pending[r >> 3]
-                if b == 0:
-                    r += 8
-                    continue
+            whole_byte = (r & 7) == 0 and r + 8 <= nbits and r - start + 8 <= want
+            if whole_byte and _byte(bits, pending, r >> 3) == 0:
+                r += 8
+                continue
             if _used(bits, pending, r):
                 break
             r += 1

@@ -28,6 +28,23 @@ def _le64(data: np.ndarray, off: int, n: int) -> np.uint64:
     return v
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _sipround(
+    v0: np.uint64, v1: np.uint64, v2: np.uint64, v3: np.uint64
+) -> tuple[np.uint64, np.uint64, np.uint64, np.uint64]:
+    v0 += v1
+    v1 = _rotl(v1, 13) ^ v0
+    v0 = _rotl(v0, 32)
+    v2 += v3
+    v3 = _rotl(v3, 16) ^ v2
+    v0 += v3
+    v3 = _rotl(v3, 21) ^ v0
+    v2 += v1
+    v1 = _rotl(v1, 17) ^ v2
+    v2 = _rotl(v2, 32)
+    return v0, v1, v2, v3
+
+
 @njit(cache=True, nogil=True)
 def _siphash24(key: np.ndarray, data: np.ndarray) -> np.uint64:
     k0 = _le64(key, 0, 8)
@@ -44,30 +61,12 @@ def _siphash24(key: np.ndarray, data: np.ndarray) -> np.uint64:
         else:  # the last word: remaining bytes, length in the top byte
             m = _le64(data, 8 * w, n - 8 * w) | (np.uint64(n & 0xFF) << np.uint64(56))
         v3 ^= m
-        for _ in range(2):
-            v0 += v1
-            v1 = _rotl(v1, 13) ^ v0
-            v0 = _rotl(v0, 32)
-            v2 += v3
-            v3 = _rotl(v3, 16) ^ v2
-            v0 += v3
-            v3 = _rotl(v3, 21) ^ v0
-            v2 += v1
-            v1 = _rotl(v1, 17) ^ v2
-            v2 = _rotl(v2, 32)
+        for _ in range(2):  # the 2 of SipHash-2-4
+            v0, v1, v2, v3 = _sipround(v0, v1, v2, v3)
         v0 ^= m
     v2 ^= np.uint64(0xFF)
-    for _ in range(4):
-        v0 += v1
-        v1 = _rotl(v1, 13) ^ v0
-        v0 = _rotl(v0, 32)
-        v2 += v3
-        v3 = _rotl(v3, 16) ^ v2
-        v0 += v3
-        v3 = _rotl(v3, 21) ^ v0
-        v2 += v1
-        v1 = _rotl(v1, 17) ^ v2
-        v2 = _rotl(v2, 32)
+    for _ in range(4):  # the 4
+        v0, v1, v2, v3 = _sipround(v0, v1, v2, v3)
     return v0 ^ v1 ^ v2 ^ v3
 
 

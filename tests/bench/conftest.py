@@ -27,3 +27,10 @@ def load_fio_bench() -> ModuleType:
 @pytest.fixture(scope="session")
 def fb() -> ModuleType:
     return load_fio_bench()
+
+
+def fuse_mounts() -> list[str]:
+    """The FUSE lines of /proc/mounts (a smoke test compares them before and after)."""
+    with open("/proc/mounts") as f:
+        return [line for line in f if " fuse" in line]
+

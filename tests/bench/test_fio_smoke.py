@@ -11,20 +11,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.bench.conftest import fuse_mounts
+
 ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.bench
 
 
-def _fuse_mounts() -> list[str]:
-    with open("/proc/mounts") as f:
-        return [line for line in f if " fuse" in line]
-
-
 @pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"), reason="needs root and /dev/fuse")
 @pytest.mark.skipif(not (shutil.which("fio") and shutil.which("fuse2fs")), reason="needs fio and fuse2fs")
 def test_quick_run(tmp_path: Path) -> None:
-    before = _fuse_mounts()
+    before = fuse_mounts()
     out = tmp_path / "BENCHMARKS.md"
     out.write_text("# B\n\n<!-- ledger:begin -->\nkeep me\n<!-- ledger:end -->\n")
     p = subprocess.run(
@@ -39,4 +36,4 @@ def test_quick_run(tmp_path: Path) -> None:
     text = out.read_text()
     assert "keep me" in text and "<!-- fio:begin -->" in text and lines[-1] in text
     assert len(list((tmp_path / "bench").glob("fio_*.png"))) == 4
-    assert _fuse_mounts() == before
+    assert fuse_mounts() == before

@@ -12,20 +12,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.bench.conftest import fuse_mounts
+
 ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.bench
 
 
-def _fuse_mounts() -> list[str]:
-    with open("/proc/mounts") as f:
-        return [line for line in f if " fuse" in line]
-
-
 @pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"), reason="needs root and /dev/fuse")
 @pytest.mark.skipif(not shutil.which("fio"), reason="needs fio")
 def test_floor_run(tmp_path: Path) -> None:
-    before = _fuse_mounts()
+    before = fuse_mounts()
     p = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "fuse_floor.py"), "--seconds", "1", "--dir", str(tmp_path)],
         capture_output=True, text=True, timeout=600, check=False,
@@ -39,4 +36,4 @@ def test_floor_run(tmp_path: Path) -> None:
         assert iops > 0
     summary = r"fuse-floor sovfs_vs_floor_randread=[\d.]+ sovfs_vs_floor_randwrite=[\d.]+"
     assert re.fullmatch(summary, lines[-1])
-    assert _fuse_mounts() == before
+    assert fuse_mounts() == before
