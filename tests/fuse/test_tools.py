@@ -190,3 +190,26 @@ def test_readahead_window_and_sequential_reads(image: Path, mnt_factory: object)
         os.close(fd)
     assert bytes(out) == data
     mount.unmount()
+
+
+def test_noiothreads_mount_serves_without_worker_threads(image: Path, mnt_factory: object) -> None:
+    """-o noiothreads: the ledger device runs on the daemon's thread — the daemon has one thread
+    per device queue (2) fewer than a default mount — and files written and read through the
+    mount come back intact and the image checks clean."""
+    mount: Mount = mnt_factory(image)  # type: ignore[operator]
+
+    def threads() -> int:
+        assert mount.pid is not None
+        return len(os.listdir(f"/proc/{mount.pid}/task"))
+
+    mount.mount()
+    with_workers = threads()
+    mount.unmount()
+    mount.mount("noiothreads")
+    assert threads() == with_workers - 2
+    data = os.urandom(3 * 1024 * 1024 + 77)
+    (mount.mnt / "d").mkdir()
+    (mount.mnt / "d" / "f.bin").write_bytes(data)
+    assert (mount.mnt / "d" / "f.bin").read_bytes() == data
+    mount.unmount()
+    assert fsck(image, "-n", "-f").returncode == 0
