@@ -72,6 +72,13 @@ class BufferPool:
 
     ``alloc`` returns a GPA or ``None`` when the arena is exhausted (the caller
     waits for buffers to come back).  Buffers are 4 KiB aligned.
+
+    Buffers never change class, so once the arena is carved up, a class that
+    owns no buffer could never be served — a trio task waiting for one would
+    wait forever (a mount hung that way: 1 MiB reads after the arena had gone to
+    smaller classes).  Every class therefore gets one buffer when the pool is
+    made (largest first, as far as the arena allows): a waiter then only waits
+    for a holder, and holders give buffers back when their I/O completes.
     """
 
     def __init__(self, driver: VirtioBlkDriver, arena_bytes: int, max_buffer: int) -> None:
@@ -82,6 +89,11 @@ class BufferPool:
         self._free: dict[int, list[int]] = {}
         self._class_of: dict[int, int] = {}  # request size -> size class, for the hot path
         self.mem = driver.memory
+        cls = self.max_buffer
+        while cls >= _MIN_CLASS and self._next + cls <= self.end:
+            self._free[cls] = [self._next]
+            self._next += cls
+            cls //= 2
 
     @staticmethod
     def size_class(nbytes: int) -> int:

@@ -375,3 +375,23 @@ async def test_multi_piece_operations_never_hold_buffers_while_waiting() -> None
                 async with trio.open_nursery() as nursery:
                     for k in range(12):
                         nursery.start_soon(worker, k)
+
+
+def test_every_buffer_class_survives_an_arena_carved_up_by_others() -> None:
+    """Small buffers take the whole arena; after they come back a 1 MiB buffer must still be had
+    (buffers never change class: a class without any would make its waiters wait forever)."""
+    with Ledger.ram(MB, num_queues=1, device_queues=1, pool_bytes=4 * MB) as led:
+        pool = led.engine.pool
+        small = []
+        while (gpa := pool.alloc(4096)) is not None:
+            small.append(gpa)
+        assert len(small) > 100  # the arena really went to the 4 KiB class
+        for gpa in small:
+            pool.free(gpa, 4096)
+        for size in (MB, 512 * 1024, 64 * 1024, 8192):
+            gpa = pool.alloc(size)
+            assert gpa is not None, size
+            pool.free(gpa, size)
+        blk = led.sync()
+        blk.write(0, b"\x5a" * MB)
+        assert blk.read(0, MB // 512) == b"\x5a" * MB
