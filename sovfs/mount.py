@@ -61,8 +61,8 @@ options:
   -o iothreads (default)  ledger device worker threads: disk I/O overlaps other FUSE requests
   -o noiothreads        the device serves each request on the daemon's thread (a trapped notify):
                         no thread hand-offs or polling, half the CPU per request, no I/O overlap
-  -o readahead=KIB      set the kernel's read-ahead window for this mount (default 0: leave the
-                        kernel's 128 KiB; 1024 sends 1 MiB reads, several in flight)
+  -o readahead=KIB      the kernel's read-ahead window for this mount (default 1024: 1 MiB reads,
+                        several in flight; 0 leaves the kernel's 128 KiB)
   -o entry_timeout=S,attr_timeout=S   kernel entry/attribute cache lifetimes (default 5)
   -o commit=S           write back superblock counters and FLUSH every S seconds (default 5, 0=off)
   -o fsname=NAME        source shown in /proc/mounts (default: the image path)
@@ -102,7 +102,7 @@ class MountOptions:
     default_permissions: bool = True
     writeback_cache: bool = False
     iothreads: bool = True
-    readahead_kib: int = 0
+    readahead_kib: int = 1024
     atime: str = "relatime"
     entry_timeout: float = 5.0
     attr_timeout: float = 5.0
