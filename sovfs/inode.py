@@ -90,20 +90,8 @@ class ReadPlan:
 
     def assemble(self, datas: Sequence[bytes | bytearray]) -> bytes:
         """The file bytes from the request results (holes and unwritten extents read as zeros)."""
-        if self.size == 0:
-            return b""
-        if len(datas) == 1 and self.where[0] == 0 and len(datas[0]) == self.span:
-            # One contiguous run, no holes (the common case): no assembly buffer, and no copy at
-            # all when the read is block-aligned.
-            whole = bytes(datas[0])  # no copy when it is bytes already (the devices return bytes)
-            if self.skip == 0 and self.size == len(whole):
-                return whole
-            return whole[self.skip : self.skip + self.size]
-        out = bytearray(self.span)
-        for pos, data in zip(self.where, datas, strict=True):
-            out[pos : pos + len(data)] = data
-        return bytes(out[self.skip : self.skip + self.size])
-
+        # bytes() of a bytes object is that object: no copy for a block-aligned single run
+        return bytes(self.assemble_buffer(datas))
 
 @dataclass
 class InodeRec:
@@ -112,9 +100,6 @@ class InodeRec:
     extents: list[Extent] = field(default_factory=list)
     tree_blocks: list[int] = field(default_factory=list)
     map_dirty: bool = False
-
-    def starts(self) -> list[int]:
-        return [e.logical for e in self.extents]
 
 
 class InodeStore:
@@ -200,15 +185,15 @@ class InodeStore:
 
     def _write_pending(self, tx: Transaction) -> None:
         """Pack every inode put during the operation into its slot, once each, and dirty the blocks."""
-        pending = self._pending
-        seed, per, first, read = self.cache.seed, self.per_block, self.sb.inode_table_start, self.cache.read
-        for ino, rec in pending.items():
-            blk, idx = divmod(ino, per)
-            off = idx * INODE_SIZE
-            buf = read(first + blk, None)
-            buf.data[off : off + INODE_SIZE] = rec.inode.pack(seed, ino)
-            tx.dirty(buf)
-        pending.clear()
+        for rec in self._pending.values():
+            self._store_slot(tx, rec)
+        self._pending.clear()
+
+    def _store_slot(self, tx: Transaction, rec: InodeRec) -> None:
+        bno, off = self._slot(rec.ino)
+        buf = self.cache.read(bno, None)
+        buf.data[off : off + INODE_SIZE] = rec.inode.pack(self.cache.seed, rec.ino)
+        tx.dirty(buf)
 
     def allocate(self, tx: Transaction, inode: Inode) -> InodeRec:
         """Allocate an inode number, set ``inode.generation`` to the slot's previous one + 1, store it."""
@@ -246,10 +231,7 @@ class InodeStore:
         # Written now, not deferred: the number may be allocated again before the operation ends, and
         # ``allocate`` reads the slot for the previous generation.
         self._pending.pop(rec.ino, None)
-        bno, off = self._slot(rec.ino)
-        buf = self.cache.read(bno, None)
-        buf.data[off : off + INODE_SIZE] = rec.inode.pack(self.cache.seed, rec.ino)
-        tx.dirty(buf)
+        self._store_slot(tx, rec)
         self.inodes.release(tx, rec.ino)
         self._recs.pop(rec.ino, None)
 
