@@ -439,6 +439,12 @@ class SyncBlk:
                 for fd, _ in self._poller.poll(1000):
                     with contextlib.suppress(BlockingIOError):
                         os.read(fd, 8)
+                    if self._fd_queue[fd].sleepers:
+                        # A trio reaper sleeps on this fd with used_event where it armed it, and
+                        # this harvest moves the used index past it: the device sends no
+                        # interrupt for the next completion.  Hand the interrupt on: the reaper
+                        # wakes and re-arms at the new index (else it could sleep forever).
+                        os.eventfd_write(fd, 1)
                 e.check_device()
             for q in busy:
                 if not q.sleepers:  # a trio reaper asleep on this queue needs them armed

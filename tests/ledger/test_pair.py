@@ -8,6 +8,7 @@ front ends, and a run long enough to cross the 16-bit index wrap.
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -15,6 +16,7 @@ import time
 import numpy as np
 import pytest
 import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -395,3 +397,56 @@ def test_every_buffer_class_survives_an_arena_carved_up_by_others() -> None:
         blk = led.sync()
         blk.write(0, b"\x5a" * MB)
         assert blk.read(0, MB // 512) == b"\x5a" * MB
+
+
+async def test_blocking_call_never_swallows_the_interrupt_a_sleeping_reaper_needs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The mount runs both front ends on one thread: trio tasks read through TrioBlk while a
+    blocking call (a write) goes through SyncBlk.  When SyncBlk, sleeping for its own request,
+    consumed the queue's interrupt while a trio reaper slept on it, the reaper's used_event was
+    left behind the used index, the device sent no interrupt for the next completion, and the next
+    trio request waited forever (seen as a FUSE request that never returned).  Here the device is
+    served by hand so that the interleaving is exact."""
+    from ledger import _driver_kernels as K
+
+    monkeypatch.setattr(Ledger, "_warm_up", lambda self: None)  # it would wait for the hand-served device
+    led = Ledger.ram(MB, num_queues=1, device_queues=1, poll_us=0, single_pass=True)
+    dev = led.device
+    assert dev is not None
+    q = led.engine.queues[0]
+    assert q.q[K.Q_FLAGS] & K.F_EVENT_IDX
+    sync = led.sync()
+    got: dict[str, bytes] = {}
+    b_done = trio.Event()
+    try:
+        async with led.trio() as blk, trio.open_nursery() as nursery:
+
+            async def reader(tag: str, sector: int) -> None:
+                got[tag] = await blk.read(sector, 1)
+                if tag == "b":
+                    b_done.set()
+
+            nursery.start_soon(reader, "a", 0)
+            await trio.testing.wait_all_tasks_blocked()
+            assert q.sleepers == 1  # the reaper sleeps on the interrupt fd, a's request in flight
+            # A blocking write on the trio thread; the device serves both requests 50 ms later.
+            serve = threading.Timer(0.05, dev.run_queue_once, (0,))
+            serve.start()
+            sync.write(8, b"s" * 512)
+            serve.join()
+            await trio.testing.wait_all_tasks_blocked()
+            assert got["a"] == bytes(512)  # completed by the blocking call's harvest
+            nursery.start_soon(reader, "b", 8)
+            await trio.testing.wait_all_tasks_blocked()
+            serve = threading.Timer(0.05, dev.run_queue_once, (0,))
+            serve.start()
+            with trio.move_on_after(5) as waited:  # the old code waited here forever
+                await b_done.wait()
+            serve.join()
+            if waited.cancelled_caught:
+                os.eventfd_write(q.interrupt_fd, 1)  # release the stuck reaper so the test can end
+                pytest.fail("the reaper slept through b's completion: its interrupt was swallowed")
+            assert got["b"] == b"s" * 512
+    finally:
+        led.close()
