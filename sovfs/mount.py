@@ -61,6 +61,8 @@ options:
   -o iothreads (default)  ledger device worker threads: disk I/O overlaps other FUSE requests
   -o noiothreads        the device serves each request on the daemon's thread (a trapped notify):
                         no thread hand-offs or polling, half the CPU per request, no I/O overlap
+  -o fastwait (default)  take the next FUSE request without a scheduler round trip when one is
+                        already queued (see sovfs/_fastloop.py)     -o nofastwait: pyfuse3's own wait
   -o readahead=KIB      the kernel's read-ahead window for this mount (default 1024: 1 MiB reads,
                         several in flight; 0 leaves the kernel's 128 KiB)
   -o entry_timeout=S,attr_timeout=S   kernel entry/attribute cache lifetimes (default 5)
@@ -71,6 +73,7 @@ options:
   -o log=FILE           log to FILE (default: stderr with -f, else syslog)
   -o pidfile=FILE       write the daemon's pid to FILE once mounted
   -o max_tasks=N        concurrent FUSE requests (trio tasks, default 99)
+  (kill -USR1 PID logs every task of the daemon and where it waits: for a request that never returns)
   defaults, auto, noauto, user, users, nouser, nofail, _netdev, async, comment=…, x-…  (fstab) ignored
 
 exit codes: 0 mounted (or, with -f, unmounted cleanly), 1 usage error, 32 mount failure
@@ -102,6 +105,7 @@ class MountOptions:
     default_permissions: bool = True
     writeback_cache: bool = False
     iothreads: bool = True
+    fastwait: bool = True
     readahead_kib: int = 1024
     atime: str = "relatime"
     entry_timeout: float = 5.0
@@ -161,6 +165,8 @@ def _apply(o: MountOptions, opt: str) -> None:
         o.writeback_cache = True
     elif name in ("iothreads", "noiothreads"):
         o.iothreads = name == "iothreads"
+    elif name in ("fastwait", "nofastwait"):
+        o.fastwait = name == "fastwait"
     elif name in ("relatime", "noatime", "strictatime"):
         o.atime = name
     elif name == "atime":
@@ -372,11 +378,18 @@ class _Daemon:
         import pyfuse3
         import trio
 
+        from sovfs._fastloop import fast_session_loop
+
         o = self.o
 
         async def signals() -> None:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            with trio.open_signal_receiver(
+                signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1
+            ) as sigs:
                 async for s in sigs:
+                    if s == signal.SIGUSR1:
+                        self.log.warning("signal USR1: the daemon's tasks\n%s", task_dump())
+                        continue
                     self.log.info("signal %d: unmounting", s)
                     pyfuse3.terminate()
 
@@ -424,9 +437,41 @@ class _Daemon:
                 # the reads of concurrent FUSE requests are in flight together.
                 serving = getattr(ops.fs.dev, "serving", None)
                 async with serving() if serving is not None else contextlib.nullcontext():
-                    await pyfuse3.main(max_tasks=o.max_tasks)
+                    with fast_session_loop() if o.fastwait else contextlib.nullcontext():
+                        await pyfuse3.main(max_tasks=o.max_tasks)
             finally:
                 nursery.cancel_scope.cancel()
+
+
+def task_dump() -> str:
+    """Every trio task of this run and where it waits, innermost frame last (``kill -USR1`` logs it).
+
+    A FUSE request the kernel still counts as waiting (``/sys/fs/fuse/connections/N/waiting``) is a
+    task here, stopped at the await that never returned.
+    """
+    import trio
+
+    lines: list[str] = []
+
+    def frames(coro: Any) -> list[str]:
+        out = []
+        while coro is not None:
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+            if frame is not None:
+                code = frame.f_code
+                out.append(f"{code.co_filename.rsplit('/', 2)[-1]}:{frame.f_lineno} {code.co_name}")
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+        return out
+
+    def walk(task: Any, depth: int) -> None:
+        lines.append("  " * depth + f"task {task.name}")
+        lines.extend("  " * depth + f"    at {f}" for f in frames(task.coro))
+        for nursery in task.child_nurseries:
+            for child in nursery.child_tasks:
+                walk(child, depth + 1)
+
+    walk(trio.lowlevel.current_root_task(), 0)
+    return "\n".join(lines)
 
 
 def set_readahead(dev: int, kib: int) -> str | None:

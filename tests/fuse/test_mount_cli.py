@@ -25,6 +25,8 @@ def test_parse_args_mount8_convention() -> None:
     assert parse_args(["a", "b"]).readahead_kib == 1024
     assert parse_args(["a", "b", "-o", "readahead=0"]).readahead_kib == 0
     assert not parse_args(["a", "b", "-o", "iothreads,noiothreads"]).iothreads
+    assert parse_args(["a", "b"]).fastwait
+    assert not parse_args(["a", "b", "-o", "nofastwait"]).fastwait
     assert "default_permissions" not in parse_args(["a", "b", "-o", "nodefault_permissions"]).fuse_options()
     for bad in (["a"], ["a", "b", "-o", "frobnicate"], ["a", "b", "-o"], ["a", "b", "-o", "commit=x"],
                 ["a", "b", "-q"]):

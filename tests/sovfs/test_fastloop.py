@@ -1,0 +1,169 @@
+"""The trio facade for pyfuse3's session loop: same behaviour as trio's lock and wait, fewer yields."""
+
+from __future__ import annotations
+
+import os
+
+import pyfuse3
+import pytest
+import trio
+import trio.testing
+
+from sovfs._fastloop import _Lowlevel, _NoYieldLock, fast_session_loop
+
+
+async def _ran_meanwhile(body: object) -> bool:
+    """Run ``await body()`` while a freshly scheduled task waits to set a flag; did the flag get set?"""
+    ran = False
+
+    async def other() -> None:
+        nonlocal ran
+        ran = True
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        await body()  # type: ignore[operator]
+        seen = ran
+    return seen
+
+
+async def test_free_lock_is_taken_without_yielding() -> None:
+    lock = _NoYieldLock()
+
+    async def take() -> None:
+        async with lock:
+            pass
+
+    assert not await _ran_meanwhile(take)  # (trio.Lock yields here: the point of the facade)
+
+
+async def test_lock_excludes_and_hands_over_in_order() -> None:
+    lock = _NoYieldLock()
+    inside = 0
+    order: list[int] = []
+
+    async def worker(i: int) -> None:
+        nonlocal inside
+        async with lock:
+            inside += 1
+            assert inside == 1
+            order.append(i)
+            await trio.sleep(0.001)
+            inside -= 1
+
+    async with trio.open_nursery() as nursery:
+        for i in range(5):
+            nursery.start_soon(worker, i)
+            await trio.testing.wait_all_tasks_blocked()
+    assert order == [0, 1, 2, 3, 4]
+
+
+async def test_cancelled_waiter_does_not_keep_the_lock() -> None:
+    lock = _NoYieldLock()
+    got: list[str] = []
+    inner = trio.CancelScope()
+
+    async def waiter(tag: str) -> None:
+        async with lock:
+            got.append(tag)
+
+    async def cancellable() -> None:
+        with inner:
+            await waiter("cancelled")
+
+    async with trio.open_nursery() as nursery:
+        await lock.__aenter__()  # held by this task
+        nursery.start_soon(cancellable)
+        await trio.testing.wait_all_tasks_blocked()
+        inner.cancel()  # the parked waiter leaves the queue
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(waiter, "second")
+        await trio.testing.wait_all_tasks_blocked()
+        await lock.__aexit__(None, None, None)  # handed to the second waiter, not the cancelled one
+    assert got == ["second"]
+    async with lock:  # and free again afterwards
+        pass
+
+
+async def test_wait_readable_returns_at_once_when_data_is_queued_and_yields_every_n(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    yields = 0
+    checkpoint = trio.lowlevel.checkpoint
+
+    async def counted() -> None:
+        nonlocal yields
+        yields += 1
+        await checkpoint()
+
+    monkeypatch.setattr(trio.lowlevel, "checkpoint", counted)
+    r, w = os.pipe()
+    try:
+        os.write(w, b"x")
+        low = _Lowlevel(yield_every=3)
+        assert not await _ran_meanwhile(lambda: low.wait_readable(r))  # no yield at all
+        seen = []
+        for _ in range(5):
+            await low.wait_readable(r)
+            seen.append(yields)
+        assert seen == [0, 1, 1, 1, 2]
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+async def test_wait_readable_waits_for_data_when_none_is_queued() -> None:
+    r, w = os.pipe()
+    try:
+        low = _Lowlevel(yield_every=8)
+        woke = trio.Event()
+
+        async def reader() -> None:
+            await low.wait_readable(r)
+            woke.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not woke.is_set()
+            os.write(w, b"x")
+            with trio.fail_after(5):
+                await woke.wait()
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+async def test_notify_closing_still_wakes_an_idle_wait() -> None:
+    r, w = os.pipe()
+    try:
+        low = _Lowlevel(yield_every=8)
+        raised: list[BaseException] = []
+
+        async def reader() -> None:
+            try:
+                await low.wait_readable(r)
+            except trio.ClosedResourceError as e:
+                raised.append(e)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()
+            trio.lowlevel.notify_closing(r)
+        assert len(raised) == 1
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_facade_is_installed_only_inside_the_block() -> None:
+    before = pyfuse3.trio  # type: ignore[attr-defined]
+    with fast_session_loop(yield_every=4):
+        facade = pyfuse3.trio  # type: ignore[attr-defined]
+        assert facade is not before
+        assert facade.Lock is _NoYieldLock
+        assert facade.open_nursery is trio.open_nursery  # everything else is trio
+        assert facade.lowlevel.current_task is trio.lowlevel.current_task
+    assert pyfuse3.trio is before  # type: ignore[attr-defined]
+    with pytest.raises(ValueError), fast_session_loop(yield_every=0):
+        pass
