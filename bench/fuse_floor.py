@@ -9,7 +9,9 @@ Two variants of the trivial filesystem, because the kernel asks a FUSE filesyste
 ``security.capability`` xattr before every write (to strip it) unless the filesystem answers ENOSYS to
 ``getxattr`` — which switches xattrs off altogether — or the connection negotiated
 ``FUSE_HANDLE_KILLPRIV_V2``, which pyfuse3 cannot request.  SovFS supports xattrs, so every write it
-serves costs two FUSE requests (GETXATTR, then WRITE), exactly like the ``xattrs`` variant.
+serves costs two FUSE requests (GETXATTR, then WRITE), exactly like the ``xattrs`` variant.  A third
+variant waits for requests the way ``mount.sovfs`` does by default (``-o fastwait``,
+``sovfs/_fastloop.py``): the summary's ``fastwait_gain_randread_nj4`` is what that wait alone is worth.
 
 Usage (root, FUSE)::
 
@@ -76,17 +78,30 @@ class Trivial(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.ENODATA if XATTRS else errno.ENOSYS)
 
 
+async def serve():
+    if sys.argv[4] == "fastwait":
+        sys.path.insert(0, sys.argv[5])
+        from sovfs._fastloop import fast_session_loop
+
+        with fast_session_loop():
+            await pyfuse3.main()
+    else:
+        await pyfuse3.main()
+
+
 opts = set(pyfuse3.default_options)
 opts.add("fsname=fuse-floor")
 pyfuse3.init(Trivial(), sys.argv[1], opts)
 try:
-    trio.run(pyfuse3.main)
+    trio.run(serve)
 finally:
     pyfuse3.close()
 '''
 
 JOBS = {
     "randread-4k-direct": ["--rw=randread", "--bs=4k", "--direct=1"],
+    "randread-4k-direct-nj4": ["--rw=randread", "--bs=4k", "--direct=1", "--numjobs=4",
+                               "--group_reporting=1"],
     "randwrite-4k-direct": ["--rw=randwrite", "--bs=4k", "--direct=1"],
 }
 
@@ -112,8 +127,8 @@ def _unmount(mnt: Path) -> None:
 
 
 @contextlib.contextmanager
-def trivial_mount(mnt: Path, variant: str) -> Iterator[int]:
-    argv = [sys.executable, "-c", _TRIVIAL_FS, str(mnt), str(FILE_BYTES), variant]
+def trivial_mount(mnt: Path, variant: str, wait: str = "pyfuse3") -> Iterator[int]:
+    argv = [sys.executable, "-c", _TRIVIAL_FS, str(mnt), str(FILE_BYTES), variant, wait, str(ROOT)]
     proc = subprocess.Popen(argv, cwd="/")
     try:
         _wait_mounted(mnt, proc)
@@ -169,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         targets = {
             "pyfuse3 trivial (no xattrs)": lambda: trivial_mount(mnt, "noxattrs"),
             "pyfuse3 trivial (xattrs)": lambda: trivial_mount(mnt, "xattrs"),
+            "pyfuse3 trivial (xattrs, fastwait)": lambda: trivial_mount(mnt, "xattrs", "fastwait"),
             "sovfs": lambda: sovfs_mount(work, mnt),
         }
         for name, mount in targets.items():
@@ -178,13 +194,16 @@ def main(argv: list[str] | None = None) -> int:
                     iops, ops = run_fio(mnt, job, args.seconds)
                     us = (_cpu(pid) - c0) / max(ops, 1) * 1e6
                     results[(name, job)] = (iops, us)
-                    print(f"{name:30} {job:22} {iops:10,.0f} IOPS  daemon {us:6.0f} µs/op", flush=True)
+                    print(f"{name:36} {job:24} {iops:10,.0f} IOPS  daemon {us:6.0f} µs/op", flush=True)
     floor_r = results[("pyfuse3 trivial (xattrs)", "randread-4k-direct")][0]
     floor_w = results[("pyfuse3 trivial (xattrs)", "randwrite-4k-direct")][0]
     sov_r = results[("sovfs", "randread-4k-direct")][0]
     sov_w = results[("sovfs", "randwrite-4k-direct")][0]
+    fast_r4 = results[("pyfuse3 trivial (xattrs, fastwait)", "randread-4k-direct-nj4")][0]
+    slow_r4 = results[("pyfuse3 trivial (xattrs)", "randread-4k-direct-nj4")][0]
     print(f"fuse-floor sovfs_vs_floor_randread={sov_r / floor_r:.2f} "
-          f"sovfs_vs_floor_randwrite={sov_w / floor_w:.2f}")
+          f"sovfs_vs_floor_randwrite={sov_w / floor_w:.2f} "
+          f"fastwait_gain_randread_nj4={fast_r4 / slow_r4:.2f}")
     return 0
 
 

@@ -30,10 +30,11 @@ def test_floor_run(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     lines = p.stdout.strip().splitlines()
     rows = [line for line in lines if " IOPS " in line]
-    assert len(rows) == 6  # 3 filesystems x 2 jobs
+    assert len(rows) == 12  # 4 filesystems x 3 jobs
     for row in rows:
         iops = float(re.search(r"([\d,]+) IOPS", row).group(1).replace(",", ""))  # type: ignore[union-attr]
         assert iops > 0
-    summary = r"fuse-floor sovfs_vs_floor_randread=[\d.]+ sovfs_vs_floor_randwrite=[\d.]+"
+    summary = (r"fuse-floor sovfs_vs_floor_randread=[\d.]+ sovfs_vs_floor_randwrite=[\d.]+"
+               r" fastwait_gain_randread_nj4=[\d.]+")
     assert re.fullmatch(summary, lines[-1])
     assert fuse_mounts() == before
