@@ -345,3 +345,31 @@ def test_readdir_plus_is_readdir_with_getattr(dev_fs: tuple[RamLedgerDevice, Fil
     with pytest.raises(SovError) as e:
         list(fs.readdir_plus(fs.create(R, b"file").ino))
     assert err(e) == "ENOTDIR"
+
+
+def test_overwrites_of_written_blocks_match_a_model_and_allocate_nothing() -> None:
+    """The overwrite fast path (every block already written): unaligned heads and tails, one
+    block, many blocks, across extents - the bytes match a model and no block is allocated."""
+    import random
+
+    _dev, fs = fresh()
+    ino = fs.create(R, b"f").ino
+    bs = fs.bs
+    model = bytearray(os.urandom(40 * bs))
+    fs.write(ino, 0, bytes(model[: 20 * bs]))
+    other = fs.create(R, b"g").ino
+    fs.write(other, 0, b"x" * bs)  # so that the file is two extents, not one
+    fs.write(ino, 20 * bs, bytes(model[20 * bs :]))
+    assert len(fs._rec(ino).extents) == 2
+    free = fs.statfs().free_blocks
+    rnd = random.Random(5)
+    for _ in range(300):
+        off = rnd.randrange(0, 40 * bs - 1)
+        n = rnd.choice([1, 7, bs - 1, bs, bs + 1, 3 * bs + 5, rnd.randrange(1, 40 * bs - off + 1)])
+        n = min(n, 40 * bs - off)
+        data = os.urandom(n)
+        assert fs.write(ino, off, data) == n
+        model[off : off + n] = data
+    assert fs.read(ino, 0, 40 * bs) == bytes(model)
+    assert fs.statfs().free_blocks == free
+    fs.close()
