@@ -384,6 +384,49 @@ def _segments(ranges: Iterable[tuple[int, int]], flags: int, max_sectors: int) -
     return out
 
 
+class PollWindow:
+    """Whether a front end spins on the used ring before it sleeps, judged by whether spinning works.
+
+    Spinning pays when the completion comes within the window (a request served from the page
+    cache: a few µs) and is pure waste when it does not (a read from a cold disk takes ~100 µs: the
+    whole window is spun, then the task sleeps anyway - measured as 35 µs of extra daemon CPU per
+    4 KiB FUSE read).  So the front end keeps a running hit rate of its polls (a moving average
+    over roughly the last eight) and spins only while at least half of them catch their
+    completion.  While it does not spin, every eighth wait still polls, as a probe, so that the
+    window comes back when the device gets fast again.  (Judging by the latency of the completions
+    themselves does not work here: once polling stops, every latency includes the wake-up through
+    the interrupt eventfd and trio, which alone is longer than the window.)
+    """
+
+    PROBE_EVERY = 8
+
+    def __init__(self, max_ns: int) -> None:
+        self.max_ns = max_ns
+        self.hit_rate = 1.0
+        self._since_probe = 0
+
+    def budget(self, alone: bool) -> int:
+        """Nanoseconds to spin for the next wait (0: go straight to sleep).
+
+        ``alone``: the waiter's request is the only one in flight.  Then nothing else could use
+        the CPU meanwhile, and a spin that outlasts a slow completion still saves the wake-up
+        (measured: one reader of a cold disk does 12 % more IOPS spinning than sleeping).
+        """
+        if alone:
+            return self.max_ns
+        if self.hit_rate >= 0.5:
+            return self.max_ns
+        self._since_probe += 1
+        if self._since_probe >= self.PROBE_EVERY:
+            self._since_probe = 0
+            return self.max_ns
+        return 0
+
+    def record(self, caught: bool) -> None:
+        """The outcome of a poll that was given a budget."""
+        self.hit_rate += ((1.0 if caught else 0.0) - self.hit_rate) * 0.125
+
+
 # ---------------------------------------------------------------------------------
 # Blocking front end
 
@@ -629,6 +672,10 @@ class TrioBlk:
     def __init__(self, engine: Engine, *, poll_us: int = 30) -> None:
         self.e = engine
         self.poll_ns = poll_us * 1000
+        self.window = PollWindow(self.poll_ns)
+        #: optional hint from the application: is other work queued for this thread?  (Then a
+        #: request is not "alone" even when it is the only one in flight here.)
+        self.contended: Callable[[], bool] | None = None
         # group -> the task waiting for it (None: nobody waits yet). A group leaves
         # the dict when it completes, so "g not in _waiters" means "done".
         self._waiters: dict[int, trio.lowlevel.Task | None] = {}
@@ -700,8 +747,13 @@ class TrioBlk:
                 e.flush()
                 # The flushing task polls for the completions itself (its own and
                 # those of the requests it published for others) instead of paying
-                # two task switches through the reaper; the wait is bounded by poll_us.
-                self._poll_inline(g)
+                # two task switches through the reaper, while polling pays (PollWindow).
+                alone = len(self._waiters) == 1 and not (self.contended and self.contended())
+                budget = self.window.budget(alone)
+                if budget:
+                    self._poll_inline(g, budget)
+                    if not alone:
+                        self.window.record(g not in self._waiters)
                 # Whatever is still in flight (ours or other tasks') needs a reaper.
                 self._kick_reapers()
             if g in self._waiters:
@@ -713,9 +765,9 @@ class TrioBlk:
             self._active -= 1
         return g
 
-    def _poll_inline(self, g: int) -> None:
+    def _poll_inline(self, g: int, budget_ns: int) -> None:
         e = self.e
-        deadline = time.monotonic_ns() + self.poll_ns
+        deadline = time.monotonic_ns() + budget_ns
         while g in self._waiters:
             busy = [q for q in e.queues if q.inflight]
             if not busy:
@@ -767,7 +819,17 @@ class TrioBlk:
                 if not q.inflight:
                     await self._work[i].wait()
                 continue
-            if K.poll_used(mem, q.q, self.poll_ns):
+            alone = len(self._waiters) == 1 and not (self.contended and self.contended())
+            budget = self.window.budget(alone)
+            if budget:
+                caught = bool(K.poll_used(mem, q.q, budget))
+                if not alone:
+                    self.window.record(caught)
+                if caught:
+                    self._reap(q)
+                    await trio.lowlevel.checkpoint()
+                    continue
+            elif K.poll_used(mem, q.q, 0):  # already there: no spin needed to see it
                 self._reap(q)
                 await trio.lowlevel.checkpoint()
                 continue
@@ -1005,7 +1067,7 @@ class TrioBlk:
         """Wait for a batch from :meth:`start_batch`; raise :class:`IOFailure` for its first failure."""
         g = ticket.group
         if g in self._waiters:
-            self._poll_inline(g)
+            self._poll_inline(g, self.poll_ns)
         if g in self._waiters:
             self._kick_reapers()
             self._waiters[g] = trio.lowlevel.current_task()

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import select
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -84,6 +84,11 @@ class _Lowlevel:
         await trio.lowlevel.wait_readable(fd)
 
 
+    def queued(self) -> bool:
+        """Is a request already waiting on the fd(s) pyfuse3 reads?  (False before the first wait.)"""
+        return any(p.poll(0) for p in self._polls.values())
+
+
 class _TrioFacade:
     def __init__(self, yield_every: int) -> None:
         self.lowlevel = _Lowlevel(yield_every)
@@ -94,10 +99,12 @@ class _TrioFacade:
 
 
 @contextlib.contextmanager
-def fast_session_loop(yield_every: int = 8) -> Iterator[None]:
+def fast_session_loop(yield_every: int = 8) -> Iterator[Callable[[], bool]]:
     """Within the block, pyfuse3's session loop waits for requests through the facade above.
 
-    Enter it before ``pyfuse3.main`` starts (pyfuse3 creates its read lock on first use).
+    Enter it before ``pyfuse3.main`` starts (pyfuse3 creates its read lock on first use).  Yields
+    a function that says whether a FUSE request is queued right now (a hint for the ledger's
+    polling: spinning for a completion delays those requests).
     """
     import pyfuse3
 
@@ -105,8 +112,9 @@ def fast_session_loop(yield_every: int = 8) -> Iterator[None]:
         raise ValueError("yield_every must be at least 1")
     # pyfuse3.trio is the module global its own asyncio mode swaps; the stubs do not declare it
     saved = pyfuse3.trio  # type: ignore[attr-defined]
-    pyfuse3.trio = _TrioFacade(yield_every)  # type: ignore[attr-defined]
+    facade = _TrioFacade(yield_every)
+    pyfuse3.trio = facade  # type: ignore[attr-defined]
     try:
-        yield
+        yield facade.lowlevel.queued
     finally:
         pyfuse3.trio = saved  # type: ignore[attr-defined]

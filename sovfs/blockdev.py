@@ -14,7 +14,7 @@ whole extent with one :meth:`pread`, read-ahead uses :meth:`preadv`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
 from ledger._machine import Ledger
@@ -95,9 +95,15 @@ class LedgerBlockDevice:
                 self._blk.write(pos // SECTOR, bytes(min(step, offset + length - pos)))
 
     @contextlib.asynccontextmanager
-    async def serving(self) -> AsyncIterator[None]:
-        """While inside (in a trio task), :meth:`preadv_async` uses the ledger's trio front end."""
+    async def serving(self, contended: Callable[[], bool] | None = None) -> AsyncIterator[None]:
+        """While inside (in a trio task), :meth:`preadv_async` uses the ledger's trio front end.
+
+        ``contended``: says whether other work is queued for this thread (the FUSE daemon passes
+        "requests are waiting on /dev/fuse"); the front end then spins on the used ring only while
+        spinning catches completions (:class:`ledger.client.PollWindow`).
+        """
         async with self.ledger.trio() as blk:
+            blk.contended = contended
             self._trio = blk
             try:
                 yield

@@ -319,7 +319,7 @@ class _Daemon:
             # QueueNotify) - cheaper per request, but a read that waits for the disk holds up
             # every other FUSE request, so worker threads stay the default.
             dev = open_block_device(
-                o.spec, read_only=o.read_only, notify="eventfd" if o.iothreads else "trap"
+                o.spec, read_only=o.read_only, notify="eventfd" if o.iothreads else "trap",
             )
         except (OSError, ValueError) as e:
             raise MountError(f"{o.spec}: cannot open image: {_first_line(e)}") from None
@@ -436,8 +436,10 @@ class _Daemon:
                 # File data moves through the device's async path while mounted, so
                 # the reads of concurrent FUSE requests are in flight together.
                 serving = getattr(ops.fs.dev, "serving", None)
-                async with serving() if serving is not None else contextlib.nullcontext():
-                    with fast_session_loop() if o.fastwait else contextlib.nullcontext():
+                with fast_session_loop() if o.fastwait else contextlib.nullcontext() as queued:
+                    # queued(): FUSE requests are waiting - the ledger then spins for a completion
+                    # only while spinning pays (it would hold those requests up)
+                    async with serving(queued) if serving is not None else contextlib.nullcontext():
                         await pyfuse3.main(max_tasks=o.max_tasks)
             finally:
                 nursery.cancel_scope.cancel()

@@ -450,3 +450,37 @@ async def test_blocking_call_never_swallows_the_interrupt_a_sleeping_reaper_need
             assert got["b"] == b"s" * 512
     finally:
         led.close()
+
+
+def test_poll_window_spins_while_polls_catch_completions_and_probes_otherwise() -> None:
+    """PollWindow: full spins while at least half the recent polls caught their completion; after a
+    run of misses (a cold disk) no spin but a probe every 8th wait; hits bring the spin back; a
+    request alone in flight always spins."""
+    from ledger.client import PollWindow
+
+    w = PollWindow(50_000)
+    assert w.budget(alone=False) == 50_000
+    for _ in range(8):
+        w.record(False)
+    budgets = [w.budget(alone=False) for _ in range(16)]
+    assert budgets.count(50_000) == 2 and budgets[7] == budgets[15] == 50_000
+    assert w.budget(alone=True) == 50_000  # nothing else could use the CPU
+    for _ in range(8):
+        w.record(True)
+    assert w.budget(alone=False) == 50_000
+
+
+async def test_contended_front_end_stops_spinning_on_a_slow_device() -> None:
+    """With other work queued (``contended``) and completions that polling never catches, the trio
+    front end stops spinning (hit rate falls below one half); the data is still right."""
+    led = Ledger.ram(MB, poll_us=1)  # a 1 µs window: the worker's hand-off is slower than that
+    try:
+        async with led.trio() as blk:
+            blk.contended = lambda: True
+            await blk.write(0, b"d" * 4096)
+            for _ in range(32):
+                assert await blk.read(0, 8) == b"d" * 4096
+            assert blk.window.hit_rate < 0.5
+            assert blk.window.budget(alone=False) in (0, blk.poll_ns)
+    finally:
+        led.close()

@@ -167,3 +167,18 @@ def test_facade_is_installed_only_inside_the_block() -> None:
     assert pyfuse3.trio is before  # type: ignore[attr-defined]
     with pytest.raises(ValueError), fast_session_loop(yield_every=0):
         pass
+
+
+async def test_queued_says_whether_a_request_waits_on_the_fds_it_has_waited_on() -> None:
+    r, w = os.pipe()
+    try:
+        low = _Lowlevel(yield_every=8)
+        assert not low.queued()  # no fd seen yet
+        os.write(w, b"x")
+        await low.wait_readable(r)
+        assert low.queued()
+        os.read(r, 1)
+        assert not low.queued()
+    finally:
+        os.close(r)
+        os.close(w)
