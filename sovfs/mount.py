@@ -319,7 +319,7 @@ class _Daemon:
             # QueueNotify) - cheaper per request, but a read that waits for the disk holds up
             # every other FUSE request, so worker threads stay the default.
             dev = open_block_device(
-                o.spec, read_only=o.read_only, notify="eventfd" if o.iothreads else "trap",
+                o.spec, read_only=o.read_only, notify="eventfd" if o.iothreads else "trap"
             )
         except (OSError, ValueError) as e:
             raise MountError(f"{o.spec}: cannot open image: {_first_line(e)}") from None
@@ -448,8 +448,10 @@ class _Daemon:
 def task_dump() -> str:
     """Every trio task of this run and where it waits, innermost frame last (``kill -USR1`` logs it).
 
-    A FUSE request the kernel still counts as waiting (``/sys/fs/fuse/connections/N/waiting``) is a
-    task here, stopped at the await that never returned.
+    A FUSE request the kernel still counts as waiting (``/sys/fs/fuse/connections/N/waiting``) is one
+    of the ``pyfuse-NN`` tasks.  pyfuse3's compiled handlers hide the frames below them, so the trail
+    is read from the other tasks: a ledger reaper asleep on its interrupt fd while nothing completes,
+    a task parked on the buffer pool, the write-back timer.
     """
     import trio
 
