@@ -4,8 +4,8 @@ pyfuse3 reads requests in a loop it owns (``_session_loop`` in its Cython core).
 takes a ``trio.Lock`` and calls ``trio.lowlevel.wait_readable`` on ``/dev/fuse``.  Both always
 yield to trio's scheduler, and ``wait_readable`` also re-arms the fd in epoll, so every request pays
 two scheduler passes and an ``epoll_ctl`` even when the next request is already waiting — the usual
-case under load (measured with ``bench/fuse_floor.py``'s trivial filesystem: 28 % of its CPU per
-request at four concurrent readers).
+case under load.  (``bench/fuse_floor.py``'s trivial filesystem with four concurrent 4 KiB readers:
+23.4k IOPS and 42 µs of daemon CPU per request with pyfuse3's wait, 48.7k and 20 µs with this one.)
 
 pyfuse3 looks ``trio`` up as a module global at call time so that its asyncio mode can swap in
 another implementation.  :func:`fast_session_loop` uses that seam to hand it a facade that is trio
@@ -82,7 +82,6 @@ class _Lowlevel:
             return
         self._streak = 0
         await trio.lowlevel.wait_readable(fd)
-
 
     def queued(self) -> bool:
         """Is a request already waiting on the fd(s) pyfuse3 reads?  (False before the first wait.)"""
