@@ -242,13 +242,22 @@ def test_concurrent_requests_with_either_request_wait(image: Path, mnt_factory: 
         finally:
             os.close(fd)
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    # Daemon threads and bounded joins: a request the daemon never answers (the hang this test
+    # caught) fails the test instead of blocking it, and the fixture's cleanup then kills the daemon,
+    # which releases the blocked threads.
+    threads = [threading.Thread(target=worker, args=(t,), daemon=True) for t in range(8)]
     for th in threads:
         th.start()
     for th in threads:
         th.join(60)
+    assert not any(th.is_alive() for th in threads), "a FUSE request was never answered"
     assert not errors
-    data = path.read_bytes()
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(path.read_bytes()), daemon=True)
+    reader.start()
+    reader.join(60)
+    assert got, "the read-back was never answered"
+    data = got[0]
     assert all(data[b * 4096:(b + 1) * 4096] == bytes([b // 64, b % 64]) * 2048 for b in range(512))
     mount.unmount()
     assert fsck(image, "-n", "-f").returncode == 0
