@@ -16,8 +16,12 @@ in every respect but two:
 * ``lowlevel.wait_readable``: when ``poll(2)`` says a request is already queued it returns at once,
   yielding to the scheduler only every ``yield_every`` requests — so tasks waiting for ledger
   completions, the write-back timer and signal handling still run at least that often while a
-  stream of requests keeps the fd readable.  When nothing is queued it is trio's own
-  ``wait_readable``: idle waits, cancellation and ``notify_closing`` at unmount are unchanged.
+  stream of requests keeps the fd readable.  When nothing is queued and no other task is
+  runnable, it polls the fd for up to ``spin_us`` (50 µs) before sleeping: a serial client's next
+  request usually comes within that, and catching it saves the epoll sleep and wake-up (stat of
+  10,000 files in a tree: 7.9-9.2k -> 15.6-16.2k per second; create +20 %, and less daemon CPU).
+  Then it is trio's own ``wait_readable``: idle waits, cancellation and ``notify_closing`` at
+  unmount are unchanged.
 
 Nothing else changes: requests are still read and answered by pyfuse3's loop, on trio, one task per
 request in flight.
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import select
+import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
@@ -61,8 +66,9 @@ class _NoYieldLock:
 class _Lowlevel:
     """``trio.lowlevel`` with a ``wait_readable`` that does not wait for what is already there."""
 
-    def __init__(self, yield_every: int) -> None:
+    def __init__(self, yield_every: int, spin_us: int = 0) -> None:
         self._yield_every = yield_every
+        self._spin_ns = spin_us * 1000
         self._streak = 0
         self._polls: dict[int, select.poll] = {}
 
@@ -81,6 +87,13 @@ class _Lowlevel:
                 await trio.lowlevel.checkpoint()
             return
         self._streak = 0
+        if self._spin_ns and not trio.lowlevel.current_statistics().tasks_runnable:
+            # Nothing else to run: poll the fd a little before sleeping in epoll.  A serial
+            # client (stat, create, unlink in a loop) sends its next request within tens of µs.
+            deadline = time.monotonic_ns() + self._spin_ns
+            while time.monotonic_ns() < deadline:
+                if poller.poll(0):
+                    return
         await trio.lowlevel.wait_readable(fd)
 
     def queued(self) -> bool:
@@ -89,8 +102,8 @@ class _Lowlevel:
 
 
 class _TrioFacade:
-    def __init__(self, yield_every: int) -> None:
-        self.lowlevel = _Lowlevel(yield_every)
+    def __init__(self, yield_every: int, spin_us: int) -> None:
+        self.lowlevel = _Lowlevel(yield_every, spin_us)
         self.Lock = _NoYieldLock
 
     def __getattr__(self, name: str) -> Any:
@@ -98,7 +111,7 @@ class _TrioFacade:
 
 
 @contextlib.contextmanager
-def fast_session_loop(yield_every: int = 8) -> Iterator[Callable[[], bool]]:
+def fast_session_loop(yield_every: int = 8, spin_us: int = 50) -> Iterator[Callable[[], bool]]:
     """Within the block, pyfuse3's session loop waits for requests through the facade above.
 
     Enter it before ``pyfuse3.main`` starts (pyfuse3 creates its read lock on first use).  Yields
@@ -109,9 +122,11 @@ def fast_session_loop(yield_every: int = 8) -> Iterator[Callable[[], bool]]:
 
     if yield_every < 1:
         raise ValueError("yield_every must be at least 1")
+    if spin_us < 0:
+        raise ValueError("spin_us must not be negative")
     # pyfuse3.trio is the module global its own asyncio mode swaps; the stubs do not declare it
     saved = pyfuse3.trio  # type: ignore[attr-defined]
-    facade = _TrioFacade(yield_every)
+    facade = _TrioFacade(yield_every, spin_us)
     pyfuse3.trio = facade  # type: ignore[attr-defined]
     try:
         yield facade.lowlevel.queued

@@ -63,6 +63,8 @@ options:
                         no thread hand-offs or polling, half the CPU per request, no I/O overlap
   -o fastwait (default)  take the next FUSE request without a scheduler round trip when one is
                         already queued (see sovfs/_fastloop.py)     -o nofastwait: pyfuse3's own wait
+  -o reqspin=US         with fastwait: poll /dev/fuse this long for the next request before sleeping,
+                        when nothing else is runnable (default 50; 0 = sleep at once)
   -o readahead=KIB      the kernel's read-ahead window for this mount (default 1024: 1 MiB reads,
                         several in flight; 0 leaves the kernel's 128 KiB)
   -o entry_timeout=S,attr_timeout=S   kernel entry/attribute cache lifetimes (default 5)
@@ -106,6 +108,7 @@ class MountOptions:
     writeback_cache: bool = False
     iothreads: bool = True
     fastwait: bool = True
+    reqspin_us: int = 50
     readahead_kib: int = 1024
     atime: str = "relatime"
     entry_timeout: float = 5.0
@@ -177,6 +180,8 @@ def _apply(o: MountOptions, opt: str) -> None:
         setattr(o, name, _number(name, value))
     elif name == "readahead" and eq:
         o.readahead_kib = max(0, _number(name, value, int))
+    elif name == "reqspin" and eq:
+        o.reqspin_us = max(0, _number(name, value, int))
     elif name == "max_tasks" and eq:
         o.max_tasks = max(1, _number(name, value, int))
     elif name in ("fsname", "log", "pidfile") and eq and value:
@@ -436,7 +441,8 @@ class _Daemon:
                 # File data moves through the device's async path while mounted, so
                 # the reads of concurrent FUSE requests are in flight together.
                 serving = getattr(ops.fs.dev, "serving", None)
-                with fast_session_loop() if o.fastwait else contextlib.nullcontext() as queued:
+                fast = fast_session_loop(spin_us=o.reqspin_us) if o.fastwait else contextlib.nullcontext()
+                with fast as queued:
                     # queued(): FUSE requests are waiting - the ledger then spins for a completion
                     # only while spinning pays (it would hold those requests up)
                     async with serving(queued) if serving is not None else contextlib.nullcontext():

@@ -27,9 +27,11 @@ def test_parse_args_mount8_convention() -> None:
     assert not parse_args(["a", "b", "-o", "iothreads,noiothreads"]).iothreads
     assert parse_args(["a", "b"]).fastwait
     assert not parse_args(["a", "b", "-o", "nofastwait"]).fastwait
+    assert parse_args(["a", "b"]).reqspin_us == 50
+    assert parse_args(["a", "b", "-o", "reqspin=0"]).reqspin_us == 0
     assert "default_permissions" not in parse_args(["a", "b", "-o", "nodefault_permissions"]).fuse_options()
     for bad in (["a"], ["a", "b", "-o", "frobnicate"], ["a", "b", "-o"], ["a", "b", "-o", "commit=x"],
-                ["a", "b", "-q"]):
+                ["a", "b", "-o", "reqspin=x"], ["a", "b", "-q"]):
         with pytest.raises(UsageError):
             parse_args(bad)
 

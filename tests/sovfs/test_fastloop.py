@@ -167,6 +167,8 @@ def test_facade_is_installed_only_inside_the_block() -> None:
     assert pyfuse3.trio is before  # type: ignore[attr-defined]
     with pytest.raises(ValueError), fast_session_loop(yield_every=0):
         pass
+    with pytest.raises(ValueError), fast_session_loop(spin_us=-1):
+        pass
 
 
 async def test_queued_says_whether_a_request_waits_on_the_fds_it_has_waited_on() -> None:
@@ -179,6 +181,47 @@ async def test_queued_says_whether_a_request_waits_on_the_fds_it_has_waited_on()
         assert low.queued()
         os.read(r, 1)
         assert not low.queued()
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+async def test_an_idle_wait_spins_for_a_request_that_comes_soon(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With nothing else runnable, the wait polls the fd for up to ``spin_us`` before sleeping in
+    epoll: data written by another thread 5 ms later is seen by the spin (trio's wait is never
+    called).  With the spin off, or another task runnable, it sleeps in trio's wait at once."""
+    import threading
+
+    sleeps = 0
+    real_wait = trio.lowlevel.wait_readable
+
+    async def counted_wait(fd: int) -> None:
+        nonlocal sleeps
+        sleeps += 1
+        await real_wait(fd)
+
+    monkeypatch.setattr(trio.lowlevel, "wait_readable", counted_wait)
+    r, w = os.pipe()
+    try:
+        def write_soon() -> None:
+            threading.Timer(0.005, os.write, (w, b"x")).start()
+
+        write_soon()
+        with trio.fail_after(5):
+            await _Lowlevel(yield_every=8, spin_us=2_000_000).wait_readable(r)
+        assert sleeps == 0  # caught by the spin
+        os.read(r, 1)
+        write_soon()
+        with trio.fail_after(5):
+            await _Lowlevel(yield_every=8, spin_us=0).wait_readable(r)
+        assert sleeps == 1  # no spin: trio's wait
+        os.read(r, 1)
+        write_soon()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.sleep, 0)  # a runnable task: spinning would hold it up
+            with trio.fail_after(5):
+                await _Lowlevel(yield_every=8, spin_us=2_000_000).wait_readable(r)
+        assert sleeps == 2
     finally:
         os.close(r)
         os.close(w)
