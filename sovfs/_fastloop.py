@@ -80,21 +80,27 @@ class _Lowlevel:
         if poller is None:
             poller = self._polls[fd] = select.poll()
             poller.register(fd, select.POLLIN)
-        if poller.poll(0):
+        if poller.poll(0) or self._spin(poller):
+            # Returns without yielding, but never more than yield_every times in a row: timers,
+            # signals and I/O completions are only noticed when the scheduler runs.
             self._streak += 1
             if self._streak >= self._yield_every:
                 self._streak = 0
                 await trio.lowlevel.checkpoint()
             return
         self._streak = 0
-        if self._spin_ns and not trio.lowlevel.current_statistics().tasks_runnable:
-            # Nothing else to run: poll the fd a little before sleeping in epoll.  A serial
-            # client (stat, create, unlink in a loop) sends its next request within tens of µs.
-            deadline = time.monotonic_ns() + self._spin_ns
-            while time.monotonic_ns() < deadline:
-                if poller.poll(0):
-                    return
         await trio.lowlevel.wait_readable(fd)
+
+    def _spin(self, poller: select.poll) -> bool:
+        """With nothing else runnable, poll a little before sleeping in epoll: a serial client
+        (stat, create, unlink in a loop) sends its next request within tens of µs."""
+        if not self._spin_ns or trio.lowlevel.current_statistics().tasks_runnable:
+            return False
+        deadline = time.monotonic_ns() + self._spin_ns
+        while time.monotonic_ns() < deadline:
+            if poller.poll(0):
+                return True
+        return False
 
     def queued(self) -> bool:
         """Is a request already waiting on the fd(s) pyfuse3 reads?  (False before the first wait.)"""

@@ -225,3 +225,31 @@ async def test_an_idle_wait_spins_for_a_request_that_comes_soon(monkeypatch: pyt
     finally:
         os.close(r)
         os.close(w)
+
+
+async def test_requests_caught_by_the_spin_still_yield_every_n(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A serial client whose every request is caught by the spin must not starve the scheduler
+    (write-back timer, SIGTERM): those returns count toward ``yield_every`` like queued ones."""
+    import threading
+
+    yields = 0
+    checkpoint = trio.lowlevel.checkpoint
+
+    async def counted() -> None:
+        nonlocal yields
+        yields += 1
+        await checkpoint()
+
+    monkeypatch.setattr(trio.lowlevel, "checkpoint", counted)
+    r, w = os.pipe()
+    try:
+        low = _Lowlevel(yield_every=4, spin_us=2_000_000)
+        for _ in range(8):
+            threading.Timer(0.002, os.write, (w, b"x")).start()
+            with trio.fail_after(5):
+                await low.wait_readable(r)
+            os.read(r, 1)
+        assert yields == 2
+    finally:
+        os.close(r)
+        os.close(w)
