@@ -470,10 +470,22 @@ def test_poll_window_spins_while_polls_catch_completions_and_probes_otherwise() 
     assert w.budget(alone=False) == 50_000
 
 
-async def test_contended_front_end_stops_spinning_on_a_slow_device() -> None:
-    """With other work queued (``contended``) and completions that polling never catches, the trio
-    front end stops spinning (hit rate falls below one half); the data is still right."""
-    led = Ledger.ram(MB, poll_us=1)  # a 1 µs window: the worker's hand-off is slower than that
+async def test_contended_front_end_stops_spinning_on_a_slow_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With other work queued (``contended``) and a device that completes each request about 1 ms
+    after it is published (served by hand from a thread), polls never catch a completion: the hit
+    rate falls below one half and the front end stops spinning; the data is still right."""
+    monkeypatch.setattr(Ledger, "_warm_up", lambda self: None)  # it would wait for the hand-served device
+    led = Ledger.ram(MB, num_queues=1, device_queues=1, poll_us=20, single_pass=True)
+    dev = led.device
+    assert dev is not None
+    stop = threading.Event()
+
+    def slow_device() -> None:
+        while not stop.wait(0.001):
+            dev.run_queue_once(0)
+
+    server = threading.Thread(target=slow_device, daemon=True)
+    server.start()
     try:
         async with led.trio() as blk:
             blk.contended = lambda: True
@@ -483,4 +495,6 @@ async def test_contended_front_end_stops_spinning_on_a_slow_device() -> None:
             assert blk.window.hit_rate < 0.5
             assert blk.window.budget(alone=False) in (0, blk.poll_ns)
     finally:
+        stop.set()
+        server.join()
         led.close()
