@@ -466,49 +466,32 @@ class InodeStore:
         nblk = last - first + 1
         head, tail = offset - first * bs, (last + 1) * bs - (offset + size)
         segs = self.map_range(rec, first, nblk)
-        if all(phys is not None and not unw for _, _, phys, unw in segs):
-            # An overwrite of written blocks (random writes, rewrites): the map is what it will be,
-            # so one lookup serves the edges and the requests, and nothing is allocated.
-            if head or tail:
-                buf = bytearray(nblk * bs)
-                edges = [segs[0][2] or 0] if head else []
-                if tail and (last != first or not head):
-                    lg, _n, phys, _unw = segs[-1]
-                    edges.append((phys or 0) + last - lg)
-                got = self.dev.preadv([(p * bs, bs) for p in edges])
-                if head:
-                    buf[:bs] = got[0]
-                if len(got) > (1 if head else 0):
-                    buf[(nblk - 1) * bs :] = got[-1]
-                buf[head : head + size] = mv
-                mv = memoryview(buf)
-            self.dev.pwritev([
-                (phys * bs, mv[(lg - first) * bs : (lg - first + n) * bs])
-                for lg, n, phys, _ in segs if phys is not None
-            ])
-            if offset + size > rec.inode.size:
-                rec.inode.size = offset + size
-            return size
-        before = {lg: (phys, unw) for lg, _n, phys, unw in self._edges(rec, first, last)}
-        self.allocate_range(tx, rec, first, nblk)
-        edge_reads: list[tuple[int, int]] = []
-        if head and before[first][0] is not None and not before[first][1]:
-            edge_reads.append((first, before[first][0] or 0))
-        if tail and before[last][0] is not None and not before[last][1] and (last != first or not head):
-            edge_reads.append((last, before[last][0] or 0))
+        # Partial edge blocks that hold data now (not holes, not unwritten) are read back and merged.
+        edge_reads: list[tuple[int, int]] = []  # (block index in the write, physical block)
+        lg, _n, phys, unw = segs[0]
+        if head and phys is not None and not unw:
+            edge_reads.append((0, phys))
+        lg, _n, phys, unw = segs[-1]
+        if tail and phys is not None and not unw and (last != first or not head):
+            edge_reads.append((nblk - 1, phys + last - lg))
+        if not all(phys is not None and not unw for _, _, phys, unw in segs):
+            # Holes to allocate (or unwritten blocks to convert).  An overwrite of written blocks -
+            # random writes, rewrites - skips this: the map is already what it will be.
+            self.allocate_range(tx, rec, first, nblk)
+            segs = self.map_range(rec, first, nblk)
         if head or tail:
             buf = bytearray(nblk * bs)
             if edge_reads:
                 got = self.dev.preadv([(p * bs, bs) for _, p in edge_reads])
-                for (lg, _), d in zip(edge_reads, got, strict=True):
-                    buf[(lg - first) * bs : (lg - first + 1) * bs] = d
+                for (i, _), d in zip(edge_reads, got, strict=True):
+                    buf[i * bs : (i + 1) * bs] = d
             buf[head : head + size] = mv
             src: memoryview = memoryview(buf)
         else:
             src = mv
         reqs: list[tuple[int, Buffer]] = []
         convert = False
-        for lg, n, phys, unw in self.map_range(rec, first, nblk):
+        for lg, n, phys, unw in segs:
             if phys is None:
                 raise Corrupt(f"inode {rec.ino}: block {lg} unmapped after allocation")
             convert |= unw
@@ -519,12 +502,6 @@ class InodeStore:
         if offset + size > rec.inode.size:
             rec.inode.size = offset + size
         return size
-
-    def _edges(self, rec: InodeRec, first: int, last: int) -> list[tuple[int, int, int | None, bool]]:
-        segs = [self.map_range(rec, first, 1)[0]]
-        if last != first:
-            segs.append((last, *self.map_range(rec, last, 1)[0][1:]))
-        return [(first if i == 0 else last, s[1], s[2], s[3]) for i, s in enumerate(segs)]
 
     def _clear_unwritten(self, tx: Transaction, rec: InodeRec, first: int, count: int) -> None:
         out: list[Extent] = []
