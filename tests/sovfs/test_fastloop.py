@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Iterator
 
 import pyfuse3
 import pytest
@@ -10,6 +12,37 @@ import trio
 import trio.testing
 
 from sovfs._fastloop import _Lowlevel, _NoYieldLock, fast_session_loop
+
+
+class _Count:
+    n = 0
+
+    def reset(self) -> None:
+        """Start counting here (pytest-trio's own start-up checkpoints are not the facade's)."""
+        self.n = 0
+
+
+@pytest.fixture
+def pipe() -> Iterator[tuple[int, int]]:
+    """A pipe (read end, write end) standing in for /dev/fuse."""
+    r, w = os.pipe()
+    yield r, w
+    os.close(r)
+    os.close(w)
+
+
+@pytest.fixture
+def yields(monkeypatch: pytest.MonkeyPatch) -> _Count:
+    """Counts the facade's explicit yields (``trio.lowlevel.checkpoint`` calls)."""
+    count = _Count()
+    checkpoint = trio.lowlevel.checkpoint
+
+    async def counted() -> None:
+        count.n += 1
+        await checkpoint()
+
+    monkeypatch.setattr(trio.lowlevel, "checkpoint", counted)
+    return count
 
 
 async def _ran_meanwhile(body: object) -> bool:
@@ -86,74 +119,54 @@ async def test_cancelled_waiter_does_not_keep_the_lock() -> None:
 
 
 async def test_wait_readable_returns_at_once_when_data_is_queued_and_yields_every_n(
-    monkeypatch: pytest.MonkeyPatch,
+    pipe: tuple[int, int], yields: _Count
 ) -> None:
-    yields = 0
-    checkpoint = trio.lowlevel.checkpoint
+    r, w = pipe
+    yields.reset()
+    os.write(w, b"x")
+    low = _Lowlevel(yield_every=3)
+    assert not await _ran_meanwhile(lambda: low.wait_readable(r))  # no yield at all
+    seen = []
+    for _ in range(5):
+        await low.wait_readable(r)
+        seen.append(yields.n)
+    assert seen == [0, 1, 1, 1, 2]
 
-    async def counted() -> None:
-        nonlocal yields
-        yields += 1
-        await checkpoint()
 
-    monkeypatch.setattr(trio.lowlevel, "checkpoint", counted)
-    r, w = os.pipe()
-    try:
+async def test_wait_readable_waits_for_data_when_none_is_queued(pipe: tuple[int, int]) -> None:
+    r, w = pipe
+    low = _Lowlevel(yield_every=8)
+    woke = trio.Event()
+
+    async def reader() -> None:
+        await low.wait_readable(r)
+        woke.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not woke.is_set()
         os.write(w, b"x")
-        low = _Lowlevel(yield_every=3)
-        assert not await _ran_meanwhile(lambda: low.wait_readable(r))  # no yield at all
-        seen = []
-        for _ in range(5):
+        with trio.fail_after(5):
+            await woke.wait()
+
+
+async def test_notify_closing_still_wakes_an_idle_wait(pipe: tuple[int, int]) -> None:
+    r, _w = pipe
+    low = _Lowlevel(yield_every=8)
+    raised: list[BaseException] = []
+
+    async def reader() -> None:
+        try:
             await low.wait_readable(r)
-            seen.append(yields)
-        assert seen == [0, 1, 1, 1, 2]
-    finally:
-        os.close(r)
-        os.close(w)
+        except trio.ClosedResourceError as e:
+            raised.append(e)
 
-
-async def test_wait_readable_waits_for_data_when_none_is_queued() -> None:
-    r, w = os.pipe()
-    try:
-        low = _Lowlevel(yield_every=8)
-        woke = trio.Event()
-
-        async def reader() -> None:
-            await low.wait_readable(r)
-            woke.set()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(reader)
-            await trio.testing.wait_all_tasks_blocked()
-            assert not woke.is_set()
-            os.write(w, b"x")
-            with trio.fail_after(5):
-                await woke.wait()
-    finally:
-        os.close(r)
-        os.close(w)
-
-
-async def test_notify_closing_still_wakes_an_idle_wait() -> None:
-    r, w = os.pipe()
-    try:
-        low = _Lowlevel(yield_every=8)
-        raised: list[BaseException] = []
-
-        async def reader() -> None:
-            try:
-                await low.wait_readable(r)
-            except trio.ClosedResourceError as e:
-                raised.append(e)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(reader)
-            await trio.testing.wait_all_tasks_blocked()
-            trio.lowlevel.notify_closing(r)
-        assert len(raised) == 1
-    finally:
-        os.close(r)
-        os.close(w)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        trio.lowlevel.notify_closing(r)
+    assert len(raised) == 1
 
 
 def test_facade_is_installed_only_inside_the_block() -> None:
@@ -171,27 +184,25 @@ def test_facade_is_installed_only_inside_the_block() -> None:
         pass
 
 
-async def test_queued_says_whether_a_request_waits_on_the_fds_it_has_waited_on() -> None:
-    r, w = os.pipe()
-    try:
-        low = _Lowlevel(yield_every=8)
-        assert not low.queued()  # no fd seen yet
-        os.write(w, b"x")
-        await low.wait_readable(r)
-        assert low.queued()
-        os.read(r, 1)
-        assert not low.queued()
-    finally:
-        os.close(r)
-        os.close(w)
+async def test_queued_says_whether_a_request_waits_on_the_fds_it_has_waited_on(
+    pipe: tuple[int, int],
+) -> None:
+    r, w = pipe
+    low = _Lowlevel(yield_every=8)
+    assert not low.queued()  # no fd seen yet
+    os.write(w, b"x")
+    await low.wait_readable(r)
+    assert low.queued()
+    os.read(r, 1)
+    assert not low.queued()
 
 
-async def test_an_idle_wait_spins_for_a_request_that_comes_soon(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_an_idle_wait_spins_for_a_request_that_comes_soon(
+    monkeypatch: pytest.MonkeyPatch, pipe: tuple[int, int]
+) -> None:
     """With nothing else runnable, the wait polls the fd for up to ``spin_us`` before sleeping in
     epoll: data written by another thread 5 ms later is seen by the spin (trio's wait is never
     called).  With the spin off, or another task runnable, it sleeps in trio's wait at once."""
-    import threading
-
     sleeps = 0
     real_wait = trio.lowlevel.wait_readable
 
@@ -201,55 +212,40 @@ async def test_an_idle_wait_spins_for_a_request_that_comes_soon(monkeypatch: pyt
         await real_wait(fd)
 
     monkeypatch.setattr(trio.lowlevel, "wait_readable", counted_wait)
-    r, w = os.pipe()
-    try:
-        def write_soon() -> None:
-            threading.Timer(0.005, os.write, (w, b"x")).start()
+    r, w = pipe
 
-        write_soon()
+    def write_soon() -> None:
+        threading.Timer(0.005, os.write, (w, b"x")).start()
+
+    write_soon()
+    with trio.fail_after(5):
+        await _Lowlevel(yield_every=8, spin_us=2_000_000).wait_readable(r)
+    assert sleeps == 0  # caught by the spin
+    os.read(r, 1)
+    write_soon()
+    with trio.fail_after(5):
+        await _Lowlevel(yield_every=8, spin_us=0).wait_readable(r)
+    assert sleeps == 1  # no spin: trio's wait
+    os.read(r, 1)
+    write_soon()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.sleep, 0)  # a runnable task: spinning would hold it up
         with trio.fail_after(5):
             await _Lowlevel(yield_every=8, spin_us=2_000_000).wait_readable(r)
-        assert sleeps == 0  # caught by the spin
-        os.read(r, 1)
-        write_soon()
-        with trio.fail_after(5):
-            await _Lowlevel(yield_every=8, spin_us=0).wait_readable(r)
-        assert sleeps == 1  # no spin: trio's wait
-        os.read(r, 1)
-        write_soon()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.sleep, 0)  # a runnable task: spinning would hold it up
-            with trio.fail_after(5):
-                await _Lowlevel(yield_every=8, spin_us=2_000_000).wait_readable(r)
-        assert sleeps == 2
-    finally:
-        os.close(r)
-        os.close(w)
+    assert sleeps == 2
 
 
-async def test_requests_caught_by_the_spin_still_yield_every_n(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_requests_caught_by_the_spin_still_yield_every_n(
+    pipe: tuple[int, int], yields: _Count
+) -> None:
     """A serial client whose every request is caught by the spin must not starve the scheduler
     (write-back timer, SIGTERM): those returns count toward ``yield_every`` like queued ones."""
-    import threading
-
-    yields = 0
-    checkpoint = trio.lowlevel.checkpoint
-
-    async def counted() -> None:
-        nonlocal yields
-        yields += 1
-        await checkpoint()
-
-    monkeypatch.setattr(trio.lowlevel, "checkpoint", counted)
-    r, w = os.pipe()
-    try:
-        low = _Lowlevel(yield_every=4, spin_us=2_000_000)
-        for _ in range(8):
-            threading.Timer(0.002, os.write, (w, b"x")).start()
-            with trio.fail_after(5):
-                await low.wait_readable(r)
-            os.read(r, 1)
-        assert yields == 2
-    finally:
-        os.close(r)
-        os.close(w)
+    r, w = pipe
+    yields.reset()
+    low = _Lowlevel(yield_every=4, spin_us=2_000_000)
+    for _ in range(8):
+        threading.Timer(0.002, os.write, (w, b"x")).start()
+        with trio.fail_after(5):
+            await low.wait_readable(r)
+        os.read(r, 1)
+    assert yields.n == 2
