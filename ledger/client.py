@@ -748,7 +748,7 @@ class TrioBlk:
                 # The flushing task polls for the completions itself (its own and
                 # those of the requests it published for others) instead of paying
                 # two task switches through the reaper, while polling pays (PollWindow).
-                alone = len(self._waiters) == 1 and not (self.contended and self.contended())
+                alone = self._alone()
                 budget = self.window.budget(alone)
                 if budget:
                     self._poll_inline(g, budget)
@@ -764,6 +764,10 @@ class TrioBlk:
         finally:
             self._active -= 1
         return g
+
+    def _alone(self) -> bool:
+        """One request group in flight and no other work queued for this thread (PollWindow)."""
+        return len(self._waiters) == 1 and not (self.contended and self.contended())
 
     def _poll_inline(self, g: int, budget_ns: int) -> None:
         e = self.e
@@ -819,7 +823,7 @@ class TrioBlk:
                 if not q.inflight:
                     await self._work[i].wait()
                 continue
-            alone = len(self._waiters) == 1 and not (self.contended and self.contended())
+            alone = self._alone()
             budget = self.window.budget(alone)
             if budget:
                 caught = bool(K.poll_used(mem, q.q, budget))
