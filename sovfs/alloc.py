@@ -12,7 +12,10 @@ at a *goal* (the block after the file's previous extent), takes the first run th
 otherwise the longest run it saw, so that large writes become few, large extents.
 
 Invariants: ``free`` equals the number of zero bits (recounted on abort); bits past ``nbits`` are set
-and never allocated; items below ``reserved_below`` are never returned.
+and never allocated; items below ``reserved_below`` are never returned; every item in
+``[_known_lo, _known_hi)`` is used or pending.  That interval is what earlier searches walked over: a
+search whose goal lies in it starts at its end (files created one after another ask for the same
+goal, and each used to rescan every block allocated since - 33,000 bits, ~20 µs, per allocation).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class BitmapAllocator:
         self.defer_frees = False
         self._pending: dict[int, np.ndarray] = {}
         self.pending_count = 0
+        self._known_lo = self._known_hi = 0
         self.recount()
 
     def _buf(self, k: int) -> Buf:
@@ -64,12 +68,15 @@ class BitmapAllocator:
         """The running transaction is durable: the items it freed may be reused."""
         self._pending.clear()
         self.pending_count = 0
+        # the known-used interval may cover pending items (searches count them as used): free now
+        self._known_lo = self._known_hi = 0
 
     def short_of_space(self) -> bool:
         """Journal pressure hook: most free items are only pending (commit to make them reusable)."""
         return self.pending_count > 0 and self.pending_count * 2 >= self.free
 
     def recount(self) -> None:
+        self._known_lo = self._known_hi = 0  # an abort may have freed anything again
         bufs = self.cache.read_many([self.start + k for k in range(self.nblocks)], self.btype)
         used = 0
         for b in bufs:
@@ -107,6 +114,8 @@ class BitmapAllocator:
         if start < 0 or start + count > self.nbits:
             raise Corrupt(f"{self.what} bitmap: free of [{start}, {start + count}) outside the device")
         self.releases += 1
+        if self._known_lo <= start < self._known_hi:
+            self._known_hi = start
         self._set(tx, start, count, False)
 
     def find_run(self, goal: int, want: int) -> tuple[int, int]:
@@ -116,6 +125,12 @@ class BitmapAllocator:
         if nothing is free.
         """
         goal = goal if 0 <= goal < self.nbits else 0
+        lo, hi = self._known_lo, self._known_hi
+        asked = goal
+        if lo <= goal < hi:
+            goal = hi  # [goal, hi) is used: the same run is found from hi
+            if goal >= self.nbits:
+                goal = asked = lo = hi = 0  # the interval reaches the end: search everything
         k0 = goal // self.bpb
         best = (0, 0)
         order = [(k0, goal % self.bpb)] + [((k0 + i) % self.nblocks, 0) for i in range(1, self.nblocks)]
@@ -125,7 +140,14 @@ class BitmapAllocator:
             pend = self._pending.get(k, _NO_PENDING)
             start, length = _bitmap.find_run(self._packed(k), pend, r0, self.bpb, want)
             if length >= want:
-                return k * self.bpb + start, want
+                found = k * self.bpb + start
+                if want == 1 and found >= goal:
+                    # every item in [asked, found) was seen used: remember (joined to what was known)
+                    if lo <= asked <= hi and hi > lo:
+                        self._known_lo, self._known_hi = lo, found
+                    else:
+                        self._known_lo, self._known_hi = asked, found
+                return found, want
             if length > best[1]:
                 best = (k * self.bpb + start, length)
         if best[1] == 0:
