@@ -41,6 +41,7 @@ import os
 import select
 import struct
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -150,7 +151,9 @@ class VirtioBlkDevice:
             and a ``write32(QueueNotify, q)`` serves queue ``q`` to empty on the caller's thread
             before it returns.  No thread hand-offs and no polling, at the price of overlap: a
             request that waits for the disk blocks the notifier.  It suits a single-threaded
-            driver on a machine with few CPUs (``mount.sovfs``).
+            driver on a machine with few CPUs.  A sequence gives each queue its own mode (its
+            length is ``num_queues``): ``("trap", "eventfd")`` is what ``mount.sovfs`` uses, a
+            queue for a request that runs alone and one whose worker overlaps concurrent ones.
     """
 
     def __init__(
@@ -168,7 +171,7 @@ class VirtioBlkDevice:
         spin_us: int = 200,
         serial: str | bytes | None = None,
         single_pass: bool = False,
-        notify: str = "eventfd",
+        notify: str | Sequence[str] = "eventfd",
     ) -> None:
         if not 1 <= num_queues <= 0xFFFF:
             raise ValueError(f"num_queues must be 1..65535, got {num_queues}")
@@ -176,8 +179,11 @@ class VirtioBlkDevice:
             raise ValueError(f"queue_num_max must be 1..32768, got {queue_num_max}")
         if backend.wc[K.W_ON] and num_queues != 1:
             raise ValueError("a backend with a simulated write cache is served by exactly one queue")
-        if notify not in ("eventfd", "trap"):
-            raise ValueError(f"notify must be 'eventfd' or 'trap', got {notify!r}")
+        modes = [notify] * num_queues if isinstance(notify, str) else list(notify)
+        if len(modes) != num_queues or any(m not in ("eventfd", "trap") for m in modes):
+            raise ValueError(
+                f"notify must be 'eventfd', 'trap' or one of them per queue ({num_queues}), got {notify!r}"
+            )
         if completion_order not in _ORDERS:
             raise ValueError(f"completion_order must be one of {sorted(_ORDERS)}, got {completion_order!r}")
         self.backend = backend
@@ -189,9 +195,10 @@ class VirtioBlkDevice:
         self.completion_order = completion_order
         self.seed = seed
         self.spin_us = spin_us
-        self.notify = notify
-        # a trapped notify serves the queue on the notifier's thread: the kernel's single-pass mode
-        self.single_pass = single_pass or notify == "trap"
+        #: per queue: True when a notify traps (served on the notifier's thread, no worker)
+        self.trapped = [m == "trap" for m in modes]
+        self.notify = notify if isinstance(notify, str) else tuple(modes)
+        self.single_pass = single_pass
         feats = DEFAULT_FEATURES if offer is None else offer
         feats &= _KNOWN_FEATURES
         feats |= _bit(S.VIRTIO_F_VERSION_1)
@@ -245,9 +252,9 @@ class VirtioBlkDevice:
     def queue_notify_fd(self, q: int) -> int:
         """Kick eventfd of queue ``q``: writing 1 equals ``write32(QueueNotify, q)``.
 
-        -1 with ``notify="trap"``: there is no ioeventfd, the driver writes the register.
+        -1 for a trapped queue: there is no ioeventfd, the driver writes the register.
         """
-        return -1 if self.notify == "trap" else self._queues[q].kick_fd
+        return -1 if self.trapped[q] else self._queues[q].kick_fd
 
     def queue_interrupt_fd(self, q: int) -> int:
         """Call eventfd of queue ``q`` (non-blocking): the used-buffer interrupt (and config changes)."""
@@ -527,7 +534,7 @@ class VirtioBlkDevice:
         if qi >= self.num_queues or not self._queues[qi].ready:
             self._refuse(D_NOTIFY_REFUSED, f"QueueNotify({qi}) for a queue that is not ready; ignored", qi)
             return
-        if self.notify == "trap":
+        if self.trapped[qi]:
             self.run_queue_once(qi)
         else:
             os.eventfd_write(self._queues[qi].kick_fd, 1)
@@ -599,7 +606,8 @@ class VirtioBlkDevice:
         p[K.P_MAX_WZ_SEG] = MAX_WRITE_ZEROES_SEG
         p[K.P_ORDER] = _ORDERS[self.completion_order]
         p[K.P_SPIN_NS] = self.spin_us * 1000
-        p[K.P_SINGLE_PASS] = 1 if self.single_pass else 0
+        # a trapped notify serves the queue on the notifier's thread: the kernel's single-pass mode
+        p[K.P_SINGLE_PASS] = 1 if self.single_pass or self.trapped[q.index] else 0
         p[K.P_INDIRECT_MAX] = INDIRECT_MAX
         return p
 
@@ -629,7 +637,7 @@ class VirtioBlkDevice:
                 continue
             q.ctl[K.C_RNG] = (self.seed + q.index) & 0x7FFFFFFF
             args = self.kernel_args(q.index)
-            if self.single_pass:
+            if self.single_pass or self.trapped[q.index]:
                 continue
             t = threading.Thread(target=K.serve_queue, args=args, name=f"ledger-q{q.index}", daemon=True)
             q.thread = t

@@ -58,9 +58,11 @@ options:
   -o nosuid,nodev,noexec,suid,dev,exec   passed to the kernel mount
   -o relatime (default), noatime, strictatime   atime updates
   -o writeback_cache    kernel write-back cache (fsync still waits for the data on the image)
-  -o iothreads (default)  ledger device worker threads: disk I/O overlaps other FUSE requests
-  -o noiothreads        the device serves each request on the daemon's thread (a trapped notify):
-                        no thread hand-offs or polling, half the CPU per request, no I/O overlap
+  -o iothreads (default)  two ledger queues: a request that runs alone (a serial client) is served
+                        on the daemon's thread (a trapped notify: no hand-off, no wake-up); others go
+                        to a queue with a device worker thread, so disk I/O overlaps other requests
+  -o iothreads=all      every queue has a worker thread (no trapped queue)
+  -o noiothreads        every request served on the daemon's thread: no I/O overlap at all
   -o fastwait (default)  take the next FUSE request without a scheduler round trip when one is
                         already queued (see sovfs/_fastloop.py)     -o nofastwait: pyfuse3's own wait
   -o reqspin=US         with fastwait: poll /dev/fuse this long for the next request before sleeping,
@@ -107,6 +109,7 @@ class MountOptions:
     default_permissions: bool = True
     writeback_cache: bool = False
     iothreads: bool = True
+    lone_trap: bool = True  # iothreads: a trapped queue for lone requests (iothreads=all: False)
     fastwait: bool = True
     reqspin_us: int = 50
     readahead_kib: int = 1024
@@ -166,8 +169,11 @@ def _apply(o: MountOptions, opt: str) -> None:
         o.default_permissions = False
     elif name == "writeback_cache":
         o.writeback_cache = True
-    elif name in ("iothreads", "noiothreads"):
+    elif name in ("iothreads", "noiothreads") and not eq:
         o.iothreads = name == "iothreads"
+        o.lone_trap = True
+    elif name == "iothreads" and value == "all":
+        o.iothreads, o.lone_trap = True, False
     elif name in ("fastwait", "nofastwait"):
         o.fastwait = name == "fastwait"
     elif name in ("relatime", "noatime", "strictatime"):
@@ -320,12 +326,14 @@ class _Daemon:
 
         o = self.o
         try:
-            # noiothreads: the ledger device serves each queue on the notifying thread (a trapped
-            # QueueNotify) - cheaper per request, but a read that waits for the disk holds up
-            # every other FUSE request, so worker threads stay the default.
-            dev = open_block_device(
-                o.spec, read_only=o.read_only, notify="eventfd" if o.iothreads else "trap"
-            )
+            # The ledger device's queues (LEDGER.md "Trapped notifications"): a trapped one serves
+            # a request on this thread before the notify returns - the cheapest path for a request
+            # that runs alone, but a disk read there holds up every other FUSE request; a worker
+            # queue overlaps them.  The trio front end picks per request (ALONE_RUN_TO_TRAP).
+            notify: str | tuple[str, ...] = "trap"
+            if o.iothreads:
+                notify = ("trap", "eventfd") if o.lone_trap else "eventfd"
+            dev = open_block_device(o.spec, read_only=o.read_only, num_queues=2, notify=notify)
         except (OSError, ValueError) as e:
             raise MountError(f"{o.spec}: cannot open image: {_first_line(e)}") from None
         try:

@@ -195,10 +195,13 @@ def test_readahead_window_and_sequential_reads(image: Path, mnt_factory: object)
     mount.unmount()
 
 
-def test_noiothreads_mount_serves_without_worker_threads(image: Path, mnt_factory: object) -> None:
-    """-o noiothreads: the ledger device runs on the daemon's thread — the daemon has one thread
-    per device queue (2) fewer than a default mount — and files written and read through the
-    mount come back intact and the image checks clean."""
+@pytest.mark.parametrize(("mode", "workers"), [("iothreads=all", 2), ("noiothreads", 0)])
+def test_iothreads_modes_set_the_device_worker_threads(
+    image: Path, mnt_factory: object, mode: str, workers: int
+) -> None:
+    """The ledger device has two queues.  Default: queue 0 traps (served on the daemon's thread), queue
+    1 has a worker thread; ``iothreads=all``: both have one; ``noiothreads``: neither.  Files written
+    and read through the mount come back intact and the image checks clean."""
     mount: Mount = mnt_factory(image)  # type: ignore[operator]
 
     def threads() -> int:
@@ -206,10 +209,10 @@ def test_noiothreads_mount_serves_without_worker_threads(image: Path, mnt_factor
         return len(os.listdir(f"/proc/{mount.pid}/task"))
 
     mount.mount()
-    with_workers = threads()
+    default = threads()
     mount.unmount()
-    mount.mount("noiothreads")
-    assert threads() == with_workers - 2
+    mount.mount(mode)
+    assert threads() == default - 1 + workers
     data = os.urandom(3 * 1024 * 1024 + 77)
     (mount.mnt / "d").mkdir()
     (mount.mnt / "d" / "f.bin").write_bytes(data)

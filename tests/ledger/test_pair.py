@@ -126,10 +126,12 @@ def test_sync_random_mix_matches_model(
         model.check(0, blk.read(0, 2048))
 
 
-@pytest.mark.parametrize("notify", ["eventfd", "trap"])
+@pytest.mark.parametrize("notify", ["eventfd", "trap", ("trap", "eventfd")])
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("order", ["fifo", "shuffle"])
-async def test_trio_concurrent_tasks_match_model(notify: str, config: str, order: str) -> None:
+async def test_trio_concurrent_tasks_match_model(
+    notify: str | tuple[str, ...], config: str, order: str
+) -> None:
     """Sixteen tasks, each owning a region, mixing sizes; everything in flight at once."""
     size = 4 * MB
     rng = random.Random(f"{config}-{order}")
@@ -347,6 +349,59 @@ def test_trapped_notify_serves_on_the_callers_thread_without_workers() -> None:
         # the write completed on this thread, so the bytes are in the backend already
         assert bytes(led.backend.ram[10 * 512 : 10 * 512 + 4096]) == b"\xab" * 4096
         assert blk.read(10, 8) == b"\xab" * 4096
+
+
+def test_notify_modes_per_queue_are_checked() -> None:
+    with pytest.raises(ValueError, match="per queue"):
+        Ledger.ram(MB, num_queues=2, device_queues=2, notify=("trap",))
+    with pytest.raises(ValueError, match="per queue"):
+        Ledger.ram(MB, num_queues=2, device_queues=2, notify=("trap", "ioeventfd"))
+
+
+async def test_mixed_queues_serve_a_serial_client_on_its_thread_and_others_on_the_worker() -> None:
+    """notify=("trap", "eventfd"): only queue 1 has a worker thread.  A serial client's requests go
+    to the trapped queue once ALONE_RUN_TO_TRAP requests in a row were alone; requests while other
+    work is queued (the ``contended`` hint) and the pieces of a large read go to the worker queue."""
+    from ledger import _device_kernel as DK
+    from ledger.client import ALONE_RUN_TO_TRAP
+
+    before = {t.name for t in threading.enumerate()}
+    with Ledger.ram(4 * MB, num_queues=2, device_queues=2, notify=("trap", "eventfd")) as led:
+        dev = led.device
+        assert dev is not None
+        assert dev.queue_notify_fd(0) == -1 and dev.queue_notify_fd(1) >= 0
+        assert {t.name for t in threading.enumerate()} - before == {"ledger-q1"}
+        data = bytes(random.Random(3).randbytes(4 * MB))
+        led.sync().write(0, data)
+
+        def served() -> list[int]:
+            return [int(dev._queues[q].ctl[DK.C_REQUESTS]) for q in range(2)]
+
+        async with led.trio() as blk:
+            s0 = served()
+            n = ALONE_RUN_TO_TRAP + 40
+            for i in range(n):
+                sector = (i * 37 % 1000) * 8
+                assert await blk.read(sector, 8) == data[sector * 512 : sector * 512 + 4096]
+            s1 = served()
+            assert s1[0] - s0[0] == n - ALONE_RUN_TO_TRAP + 1  # all after the run of lone ones
+            assert s1[1] - s0[1] == ALONE_RUN_TO_TRAP - 1
+
+            # the pieces of a large read: parallel, on the worker queue, even for a serial client
+            assert await blk.read_parallel(0, 2048) == data[: 2048 * 512]
+            s2 = served()
+            assert s2[0] == s1[0] and s2[1] - s1[1] >= 2
+
+            # other work queued for this thread (the FUSE daemon's hint): never the trapped queue,
+            # and the run of lone requests starts again afterwards
+            blk.contended = lambda: True
+            for i in range(10):
+                assert await blk.read(i * 8, 8) == data[i * 4096 : (i + 1) * 4096]
+            blk.contended = None
+            for i in range(ALONE_RUN_TO_TRAP - 1):
+                assert await blk.read(i * 8, 8) == data[i * 4096 : (i + 1) * 4096]
+            s3 = served()
+            assert s3[0] == s2[0] and s3[1] - s2[1] == 10 + ALONE_RUN_TO_TRAP - 1
 
 
 async def test_multi_piece_operations_never_hold_buffers_while_waiting() -> None:
