@@ -197,6 +197,7 @@ class Engine:
         trapped = [q for q in self.queues if q.notify_fd < 0]
         workers = [q for q in self.queues if q.notify_fd >= 0]
         self._routes: dict[bool | None, list[DriverQueue]] = {None: self.queues}
+        self._workers_first = workers + trapped
         if trapped and workers:
             self._routes[True] = trapped
             self._routes[False] = workers
@@ -284,6 +285,11 @@ class Engine:
         else:
             share = staged
         rr = self._rr_route[route] % nq
+        spread_mixed = share < staged and route is None and len(self._routes) > 1
+        if spread_mixed:
+            # Shares for every queue: the worker queues' first, so that they move theirs while a
+            # trapped queue serves its share on this thread during its notify.
+            queues, rr = self._workers_first, 0
         for _ in range(2 * nq):
             if self.st_head == self.st_count:
                 break
@@ -302,7 +308,8 @@ class Engine:
                 # No ioeventfd: the kick is the register write (which may serve the queue before
                 # it returns, as a trapped MMIO write does).
                 self.driver.transport.write32(S.VIRTIO_MMIO_QUEUE_NOTIFY, q.index)
-        self._rr_route[route] = rr
+        if not spread_mixed:
+            self._rr_route[route] = rr
         if self.st_head == self.st_count:
             self.st_head = self.st_count = 0
         elif route is not None:
@@ -773,12 +780,13 @@ class TrioBlk:
                     self._flush_pending = False
                 # Route (devices with trapped and worker queues): a trapped queue serves the
                 # request before flush returns, with no hand-off and no wake-up, but blocks this
-                # thread meanwhile (a disk read: ~0.1 ms) - worth it for one request of a serial
-                # client (a run of requests that each were alone), not when others may come
-                # meanwhile, nor for the pieces of a large read (workers move them in parallel).
+                # thread meanwhile (a disk read: ~0.1 ms) - worth it for a serial client (a run of
+                # requests that each were alone), not when others may come meanwhile.  The pieces
+                # of a serial client's large read go to every queue: the workers move theirs while
+                # the trapped queue moves its own.
                 alone = self._alone()
                 self._alone_run = self._alone_run + 1 if alone else 0
-                e.flush(n == 1 and self._alone_run >= ALONE_RUN_TO_TRAP)
+                e.flush((n == 1 or None) if self._alone_run >= ALONE_RUN_TO_TRAP else False)
                 # The flushing task polls for the completions itself (its own and
                 # those of the requests it published for others) instead of paying
                 # two task switches through the reaper, while polling pays (PollWindow).

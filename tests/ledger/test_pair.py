@@ -360,8 +360,9 @@ def test_notify_modes_per_queue_are_checked() -> None:
 
 async def test_mixed_queues_serve_a_serial_client_on_its_thread_and_others_on_the_worker() -> None:
     """notify=("trap", "eventfd"): only queue 1 has a worker thread.  A serial client's requests go
-    to the trapped queue once ALONE_RUN_TO_TRAP requests in a row were alone; requests while other
-    work is queued (the ``contended`` hint) and the pieces of a large read go to the worker queue."""
+    to the trapped queue once ALONE_RUN_TO_TRAP requests in a row were alone, the pieces of its large
+    reads to both queues; requests while other work is queued (the ``contended`` hint) go to the
+    worker queue."""
     from ledger import _device_kernel as DK
     from ledger.client import ALONE_RUN_TO_TRAP
 
@@ -387,10 +388,11 @@ async def test_mixed_queues_serve_a_serial_client_on_its_thread_and_others_on_th
             assert s1[0] - s0[0] == n - ALONE_RUN_TO_TRAP + 1  # all after the run of lone ones
             assert s1[1] - s0[1] == ALONE_RUN_TO_TRAP - 1
 
-            # the pieces of a large read: parallel, on the worker queue, even for a serial client
+            # the pieces of a serial client's large read: on both queues, the worker's in parallel
+            # with the trapped queue's
             assert await blk.read_parallel(0, 2048) == data[: 2048 * 512]
             s2 = served()
-            assert s2[0] == s1[0] and s2[1] - s1[1] >= 2
+            assert s2[0] - s1[0] >= 1 and s2[1] - s1[1] >= 1
 
             # other work queued for this thread (the FUSE daemon's hint): never the trapped queue,
             # and the run of lone requests starts again afterwards
