@@ -193,11 +193,12 @@ class Engine:
         self.st_head = 0  # first staged request not yet submitted
         self.st_count = 0  # staged requests in total (submitted ones before st_head)
         # Queues whose notify traps (the device serves them on this thread before the register
-        # write returns) and queues with a worker thread, when the device has both kinds.
+        # write returns) and queues with a worker thread.  Every queue (None) lists the workers
+        # first: a batch dealt out in shares reaches them before a trapped queue serves its own
+        # share on this thread, so they move theirs meanwhile.
         trapped = [q for q in self.queues if q.notify_fd < 0]
         workers = [q for q in self.queues if q.notify_fd >= 0]
-        self._routes: dict[bool | None, list[DriverQueue]] = {None: self.queues}
-        self._workers_first = workers + trapped
+        self._routes: dict[bool | None, list[DriverQueue]] = {None: workers + trapped}
         if trapped and workers:
             self._routes[True] = trapped
             self._routes[False] = workers
@@ -269,8 +270,8 @@ class Engine:
         queue): every queue.
         """
         total = 0
-        queues = self._routes.get(alone, self.queues)
-        route = alone if queues is not self.queues else None
+        route = alone if alone in self._routes else None
+        queues = self._routes[route]
         nq = len(queues)
         # A large batch is dealt out in equal shares, so every queue's worker
         # thread moves data in parallel; a small one goes to one queue whole.
@@ -284,12 +285,9 @@ class Engine:
             share = -(-staged // nq)
         else:
             share = staged
-        rr = self._rr_route[route] % nq
-        spread_mixed = share < staged and route is None and len(self._routes) > 1
-        if spread_mixed:
-            # Shares for every queue: the worker queues' first, so that they move theirs while a
-            # trapped queue serves its share on this thread during its notify.
-            queues, rr = self._workers_first, 0
+        # Shares start at the first queue (workers first); a whole batch goes to the next in turn.
+        spread = share < staged
+        rr = 0 if spread else self._rr_route[route] % nq
         for _ in range(2 * nq):
             if self.st_head == self.st_count:
                 break
@@ -308,7 +306,7 @@ class Engine:
                 # No ioeventfd: the kick is the register write (which may serve the queue before
                 # it returns, as a trapped MMIO write does).
                 self.driver.transport.write32(S.VIRTIO_MMIO_QUEUE_NOTIFY, q.index)
-        if not spread_mixed:
+        if not spread:
             self._rr_route[route] = rr
         if self.st_head == self.st_count:
             self.st_head = self.st_count = 0
