@@ -536,7 +536,9 @@ class SyncBlk:
             e.flush()
         for i, (t, sector, buf, nbytes) in enumerate(reqs):
             e.stage(t, sector, buf, nbytes, g, i)
-        e.flush()
+        # This thread waits for the group anyway: a lone request is served on it by a trapped
+        # queue (no hand-off, no wake-up); several are spread so worker queues move in parallel.
+        e.flush(len(reqs) == 1 or None)
         self._wait(g)
         return g
 

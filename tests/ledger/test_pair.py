@@ -406,6 +406,36 @@ async def test_mixed_queues_serve_a_serial_client_on_its_thread_and_others_on_th
             assert s3[0] == s2[0] and s3[1] - s2[1] == 10 + ALONE_RUN_TO_TRAP - 1
 
 
+def test_mixed_queues_serve_a_synchronous_lone_request_on_the_calling_thread() -> None:
+    """SyncBlk waits for every group it submits: a one-request group goes to the trapped queue
+    (served before the notify returns, no hand-off to the worker); a multi-request group is spread
+    over both queues."""
+    from ledger import _device_kernel as DK
+
+    with Ledger.ram(4 * MB, num_queues=2, device_queues=2, notify=("trap", "eventfd")) as led:
+        dev = led.device
+        assert dev is not None
+        blk = led.sync()
+
+        def served() -> list[int]:
+            return [int(dev._queues[q].ctl[DK.C_REQUESTS]) for q in range(2)]
+
+        data = bytes(random.Random(5).randbytes(64 * 4096))
+        s0 = served()
+        for i in range(64):
+            blk.write(i * 8, data[i * 4096 : (i + 1) * 4096])
+        for i in range(64):
+            assert blk.read(i * 8, 8) == data[i * 4096 : (i + 1) * 4096]
+        blk.flush()
+        s1 = served()
+        assert s1[0] - s0[0] == 64 + 64 + 1 and s1[1] == s0[1]
+
+        pieces = [(i * 8, 8) for i in range(0, 64, 2)]  # 32 separate ranges: one group of 32
+        assert blk.readv(pieces) == [data[s * 512 : s * 512 + 4096] for s, _ in pieces]
+        s2 = served()
+        assert s2[0] - s1[0] >= 1 and s2[1] - s1[1] >= 1 and sum(s2) - sum(s1) == 32
+
+
 async def test_multi_piece_operations_never_hold_buffers_while_waiting() -> None:
     """Many tasks, each needing more pool buffers at once than the pool can give them all.
 
