@@ -1,9 +1,15 @@
 """The pyfuse3 floor: what a FUSE filesystem written with pyfuse3 + trio costs before it does any work.
 
-A trivial filesystem (one 256 MiB file whose reads return zeros and whose writes are dropped) is mounted
-and measured with the same fio options as ``bench/fio_bench.py``'s random 4 KiB jobs, alongside a SovFS
-mount.  The trivial filesystem's IOPS are the ceiling any pyfuse3 filesystem reaches on this machine;
-its daemon CPU per request is the floor of the per-request cost.
+A trivial filesystem (one 256 MiB file whose reads return zeros and whose writes are dropped, and an
+in-memory namespace that keeps names and modes only) is mounted and measured with the same fio options
+as ``bench/fio_bench.py``'s random 4 KiB jobs and with that script's own metadata harness (create, then
+unlink, of 5,000 files of 4 KiB in one directory), alongside a SovFS mount.  The trivial filesystem's
+figures are the ceiling any pyfuse3 filesystem reaches on this machine; its daemon CPU per request is
+the floor of the per-request cost.  A create is six FUSE requests on any filesystem mounted with
+``default_permissions`` (LOOKUP, CREATE, GETXATTR, WRITE, RELEASE, and a GETATTR of the parent
+directory, whose attributes the kernel invalidates after each create): the summary's
+``sovfs_vs_floor_create`` is SovFS's create rate against the trivial filesystem's with fastwait (the
+way ``mount.sovfs`` waits).
 
 Two variants of the trivial filesystem, because the kernel asks a FUSE filesystem for the file's
 ``security.capability`` xattr before every write (to strip it) unless the filesystem answers ENOSYS to
@@ -17,7 +23,8 @@ Usage (root, FUSE)::
 
     python bench/fuse_floor.py [--seconds 5] [--dir /var/tmp]
 
-Prints one line per (filesystem, job): IOPS and daemon CPU µs per operation, and a final summary line.
+Prints one line per (filesystem, job): IOPS (operations per second for the metadata jobs) and daemon
+CPU µs per operation, and a final summary line.
 """
 
 from __future__ import annotations
@@ -46,21 +53,59 @@ ZEROS = bytes(1 << 20)
 
 
 class Trivial(pyfuse3.Operations):
+    """One file (bench.dat, inode 2) whose reads are zeros and whose writes are dropped, plus an
+    in-memory namespace for the metadata jobs: names and modes only, no data kept."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = {(1, b"bench.dat"): 2}
+        self.modes = {1: stat.S_IFDIR | 0o755, 2: stat.S_IFREG | 0o644}
+        self.next_ino = 3
+
     def _attr(self, ino):
         a = pyfuse3.EntryAttributes()
         a.st_ino = ino
-        a.st_mode = (stat.S_IFDIR | 0o755) if ino == 1 else (stat.S_IFREG | 0o644)
-        a.st_size = 0 if ino == 1 else SIZE
+        a.st_mode = self.modes[ino]
+        a.st_nlink = 2 if stat.S_ISDIR(a.st_mode) else 1
+        a.st_size = SIZE if ino == 2 else 0
         a.attr_timeout = a.entry_timeout = 5
         return a
+
+    def _new(self, parent, name, mode):
+        if (parent, name) in self.names:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        ino, self.next_ino = self.next_ino, self.next_ino + 1
+        self.names[(parent, name)] = ino
+        self.modes[ino] = mode
+        return self._attr(ino)
 
     async def getattr(self, ino, ctx=None):
         return self._attr(ino)
 
     async def lookup(self, parent, name, ctx=None):
-        if name == b"bench.dat":
-            return self._attr(2)
-        raise pyfuse3.FUSEError(errno.ENOENT)
+        ino = self.names.get((parent, name))
+        if ino is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attr(ino)
+
+    async def mkdir(self, parent, name, mode, ctx):
+        return self._new(parent, name, stat.S_IFDIR | (mode & 0o7777))
+
+    async def create(self, parent, name, mode, flags, ctx):
+        attr = self._new(parent, name, stat.S_IFREG | (mode & 0o7777))
+        return pyfuse3.FileInfo(fh=attr.st_ino), attr
+
+    async def unlink(self, parent, name, ctx):
+        if self.names.pop((parent, name), None) is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+
+    rmdir = unlink
+
+    async def forget(self, inode_list):
+        pass
+
+    async def release(self, fh):
+        pass
 
     async def open(self, ino, flags, ctx):
         return pyfuse3.FileInfo(fh=ino)
@@ -91,6 +136,7 @@ async def serve():
 
 opts = set(pyfuse3.default_options)
 opts.add("fsname=fuse-floor")
+opts.add("default_permissions")  # as mount.sovfs: the kernel checks permissions from attributes
 pyfuse3.init(Trivial(), sys.argv[1], opts)
 try:
     trio.run(serve)
@@ -104,6 +150,11 @@ JOBS = {
                                "--group_reporting=1"],
     "randwrite-4k-direct": ["--rw=randwrite", "--bs=4k", "--direct=1"],
 }
+
+
+#: metadata jobs: bench/fio_bench.py's own harness (``--meta-worker``), one flat directory
+META_JOBS = {"create-flat": "create", "unlink-flat": "unlink"}
+META_FILES = 5000
 
 
 def _cpu(pid: int) -> float:
@@ -171,6 +222,15 @@ def run_fio(mnt: Path, job: str, seconds: float) -> tuple[float, int]:
     return float(side["iops"]), int(side["total_ios"])
 
 
+def run_meta(mnt: Path, job: str) -> tuple[float, int]:
+    """(operations per second, operations) of one metadata phase, by fio_bench.py's harness."""
+    argv = [sys.executable, str(ROOT / "bench" / "fio_bench.py"), "--meta-worker", META_JOBS[job], str(mnt),
+            str(META_FILES), "flat"]  # fmt: skip
+    out = subprocess.run(argv, check=True, capture_output=True, text=True, cwd="/").stdout
+    secs, ops = json.loads(out.strip().splitlines()[-1])
+    return ops / secs, int(ops)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=5.0, help="per job (default 5)")
@@ -189,20 +249,24 @@ def main(argv: list[str] | None = None) -> int:
         }
         for name, mount in targets.items():
             with mount() as pid:
-                for job in JOBS:
+                for job in [*JOBS, *META_JOBS]:
                     c0 = _cpu(pid)
-                    iops, ops = run_fio(mnt, job, args.seconds)
+                    iops, ops = run_fio(mnt, job, args.seconds) if job in JOBS else run_meta(mnt, job)
                     us = (_cpu(pid) - c0) / max(ops, 1) * 1e6
                     results[(name, job)] = (iops, us)
-                    print(f"{name:36} {job:24} {iops:10,.0f} IOPS  daemon {us:6.0f} µs/op", flush=True)
+                    unit = "IOPS " if job in JOBS else "ops/s"
+                    print(f"{name:36} {job:24} {iops:10,.0f} {unit}  daemon {us:6.0f} µs/op", flush=True)
     floor_r = results[("pyfuse3 trivial (xattrs)", "randread-4k-direct")][0]
     floor_w = results[("pyfuse3 trivial (xattrs)", "randwrite-4k-direct")][0]
     sov_r = results[("sovfs", "randread-4k-direct")][0]
     sov_w = results[("sovfs", "randwrite-4k-direct")][0]
     fast_r4 = results[("pyfuse3 trivial (xattrs, fastwait)", "randread-4k-direct-nj4")][0]
     slow_r4 = results[("pyfuse3 trivial (xattrs)", "randread-4k-direct-nj4")][0]
+    floor_c = results[("pyfuse3 trivial (xattrs, fastwait)", "create-flat")][0]
+    sov_c = results[("sovfs", "create-flat")][0]
     print(f"fuse-floor sovfs_vs_floor_randread={sov_r / floor_r:.2f} "
           f"sovfs_vs_floor_randwrite={sov_w / floor_w:.2f} "
+          f"sovfs_vs_floor_create={sov_c / floor_c:.2f} "
           f"fastwait_gain_randread_nj4={fast_r4 / slow_r4:.2f}")
     return 0
 

@@ -29,12 +29,12 @@ def test_floor_run(tmp_path: Path) -> None:
     )  # fmt: skip
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     lines = p.stdout.strip().splitlines()
-    rows = [line for line in lines if " IOPS " in line]
-    assert len(rows) == 12  # 4 filesystems x 3 jobs
+    rows = [line for line in lines if " IOPS " in line or " ops/s " in line]
+    assert len(rows) == 20  # 4 filesystems x (3 fio jobs + create + unlink)
     for row in rows:
-        iops = float(re.search(r"([\d,]+) IOPS", row).group(1).replace(",", ""))  # type: ignore[union-attr]
-        assert iops > 0
+        rate = float(re.search(r"([\d,]+) (IOPS|ops/s)", row).group(1).replace(",", ""))  # type: ignore[union-attr]
+        assert rate > 0
     summary = (r"fuse-floor sovfs_vs_floor_randread=[\d.]+ sovfs_vs_floor_randwrite=[\d.]+"
-               r" fastwait_gain_randread_nj4=[\d.]+")
+               r" sovfs_vs_floor_create=[\d.]+ fastwait_gain_randread_nj4=[\d.]+")
     assert re.fullmatch(summary, lines[-1])
     assert fuse_mounts() == before
