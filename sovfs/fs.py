@@ -225,6 +225,10 @@ class FileSystem:
         self._open: dict[int, int] = {}
         self._lookups: dict[int, int] = {}
         self._orphans: set[int] = set()
+        #: orphan -> the orphan before it on the on-disk list (0: the head), a hint that makes taking
+        #: one off the list O(1); checked against the inodes before use, rebuilt by a walk if stale
+        self._orphan_prev: dict[int, int] = {}
+        self.orphan_walks = 0  # list walks taken because the hint was missing or stale (tests)
         self.failed: str | None = None  # failsafe reason, once switched
         self.closed = False
 
@@ -661,9 +665,13 @@ class FileSystem:
             raise Corrupt("release outside a transaction")
         if self._in_use(rec.ino):
             self._orphans.add(rec.ino)
-            rec.inode.parent = self.journal.orphan_head  # §4.5: push on the on-disk orphan list
+            head = self.journal.orphan_head
+            rec.inode.parent = head  # §4.5: push on the on-disk orphan list
             self.journal.set_orphan_head(rec.ino)
             self.inodes.put(txn, rec)
+            self._orphan_prev[rec.ino] = 0
+            if head:
+                self._orphan_prev[head] = rec.ino
         else:
             self.inodes.free(txn, rec)
 
@@ -679,19 +687,46 @@ class FileSystem:
                 self.inodes.free(tx, rec)
 
     def _unlink_orphan(self, tx: Transaction, rec: InodeRec) -> None:
-        """Take ``rec`` off the on-disk orphan list (§4.5)."""
-        nxt = rec.inode.parent
-        cur, seen = self.journal.orphan_head, 0
-        if cur == rec.ino:
+        """Take ``rec`` off the on-disk orphan list (§4.5).
+
+        The list is singly linked (through ``parent``) and an orphan leaves it from anywhere - the
+        first file unlinked is usually the first released, at the far end from the head.  The
+        ``_orphan_prev`` hint names its predecessor; it is trusted only if that inode still links to
+        ``rec`` (an aborted transaction can leave it stale), else one walk from the head finds the
+        predecessor and re-records every link it passes.  (Before the hint, releasing n orphans in
+        the order they were unlinked walked the list n times: O(n²) inode reads.)
+        """
+        ino, nxt = rec.ino, rec.inode.parent
+        hints = self._orphan_prev
+        hint = hints.pop(ino, None)
+        if self.journal.orphan_head == ino:
             self.journal.set_orphan_head(nxt)
+            if nxt:
+                hints[nxt] = 0
             return
+        prev = self.inodes.get(hint) if hint and hint in self._orphans else None
+        if prev is None or prev.inode.parent != ino:
+            prev = self._walk_orphans_to(ino)
+        if prev is None:
+            return  # not on the list (nothing to unlink)
+        prev.inode.parent = nxt
+        self.inodes.put(tx, prev)
+        if nxt:
+            hints[nxt] = prev.ino
+
+    def _walk_orphans_to(self, ino: int) -> InodeRec | None:
+        """Walk the on-disk orphan list from the head to ``ino``'s predecessor, re-recording the hint
+        of every orphan passed; None if ``ino`` is not on the list."""
+        self.orphan_walks += 1
+        hints = self._orphan_prev
+        before, cur, seen = 0, self.journal.orphan_head, 0
         while cur and seen <= self.sb.inode_count:
-            prev = self.inodes.get(cur)
-            if prev.inode.parent == rec.ino:
-                prev.inode.parent = nxt
-                self.inodes.put(tx, prev)
-                return
-            cur, seen = prev.inode.parent, seen + 1
+            hints[cur] = before
+            node = self.inodes.get(cur)
+            if node.inode.parent == ino:
+                return node
+            before, cur, seen = cur, node.inode.parent, seen + 1
+        return None
 
     def open(self, ino: int) -> None:
         """Count an open handle: an unlinked inode stays allocated until the last release."""

@@ -47,6 +47,56 @@ def test_rename_over_looked_up_and_close_frees_orphans(dev_fs: tuple[RamLedgerDe
         assert fs2.lookup(R, b"b").ino == a.ino
 
 
+def _orphan_list(fs: FileSystem) -> list[int]:
+    """The on-disk orphan list, head first (§4.5)."""
+    out, ino = [], fs.journal.orphan_head
+    while ino:
+        out.append(ino)
+        ino = fs.inodes.get(ino).inode.parent
+    return out
+
+
+@pytest.mark.parametrize("order", ["unlinked", "reversed", "shuffled", "stale hints"])
+def test_orphans_leave_the_list_from_anywhere_without_walking_it(fs: FileSystem, order: str) -> None:
+    """Files unlinked while the kernel still holds them become orphans, pushed on the on-disk list;
+    each leaves it when its last reference goes, in any order.  The list stays exactly the orphans
+    still held, and with the predecessor hints intact no removal walks the list (releasing n orphans
+    in the order they were unlinked used to walk it n times).  Stale hints (as an aborted transaction
+    can leave) cost a walk, never a wrong link."""
+    import random
+
+    inos = []
+    for i in range(200):
+        a = fs.create(R, b"f%d" % i)
+        fs.ref(a.ino)
+        inos.append(a.ino)
+    free0 = fs.ialloc.free
+    for i in range(200):
+        fs.unlink(R, b"f%d" % i)
+    assert _orphan_list(fs) == inos[::-1]
+    if order == "reversed":
+        inos.reverse()
+    elif order in ("shuffled", "stale hints"):
+        random.Random(7).shuffle(inos)
+    if order == "stale hints":
+        hints = fs._orphan_prev
+        for k in inos[:20]:  # the first ones released: a wrong predecessor, an orphan to the end
+            hints[k] = inos[-1]
+        del hints[inos[25]]
+    walks0 = fs.orphan_walks
+    held = list(_orphan_list(fs))
+    for ino in inos:
+        fs.forget(ino, 1)
+        held.remove(ino)
+        assert _orphan_list(fs) == held
+    assert fs.journal.orphan_head == 0 and not any(fs.is_orphan(i) for i in inos)
+    assert fs.ialloc.free == free0 + 200
+    if order != "stale hints":
+        assert fs.orphan_walks == walks0
+    else:
+        assert 0 < fs.orphan_walks - walks0 < 200
+
+
 def test_fsync_flushes(dev_fs: tuple[RamLedgerDevice, FileSystem]) -> None:
     dev, fs = dev_fs
     a = fs.create(R, b"f")
