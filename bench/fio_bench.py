@@ -10,10 +10,11 @@ Targets, each set up in a temp dir on the host disk (/var/tmp by default):
 Jobs are defined once (:func:`build_jobs`) and turned into the same fio command line for every
 target (:func:`fio_args`; only ``--directory`` differs).  Every job runs on every target, targets
 alternating per job and repetition (ABC ABC ABC); ``sync`` + ``echo 3 > /proc/sys/vm/drop_caches``
-before every fio job and before the cold metadata phases.  Metadata jobs (create, stat warm/cold,
-readdir, unlink of N small files, flat and two-level tree) are timed by a small Python harness
-(:func:`meta_phase`, run as a subprocess: the same code on every target) because fio has no readdir
-engine.  Figures are the median of ``--reps`` repetitions, spread = min–max.
+before every fio job and before the cold metadata phases, ``sync`` alone before the other metadata
+phases (no job starts with another job's dirty data still to write back).  Metadata jobs (create,
+stat warm/cold, readdir, unlink of N small files, flat and two-level tree) are timed by a small Python
+harness (:func:`meta_phase`, run as a subprocess: the same code on every target) because fio has no
+readdir engine.  Figures are the median of ``--reps`` repetitions, spread = min–max.
 
 Also measured: daemon CPU (utime+stime from /proc/PID/stat) per job for the FUSE daemons, the time
 ``mount.sovfs`` takes until the mountpoint answers (cold = empty Numba cache, warm), and the peak RSS
@@ -710,8 +711,14 @@ def run_job(
     job: Job, target: Target, rep: int, n_files: int, run: Run, timeout: float, profile: str | None = None
 ) -> Result:
     res = Result(job.name, target.name, rep)
-    if job.drop and not drop_caches():
-        run.drop_ok = False
+    if job.drop:
+        if not drop_caches():
+            run.drop_ok = False
+    else:
+        # Write back whatever earlier jobs left dirty (fuse2fs's image writes, the host target's
+        # files): otherwise the kernel flushes it during this job, on the CPUs the job runs on,
+        # charging one target for another's leftovers.
+        os.sync()
     if job.fresh:
         with contextlib.suppress(FileNotFoundError):
             (target.root / DATAFILE).unlink()
