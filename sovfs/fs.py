@@ -171,6 +171,9 @@ def check_xattr_name(name: bytes) -> None:
 READAHEAD_CHUNK = 1 << 20
 #: Files with a read-ahead chunk at a time.
 READAHEAD_FILES = 8
+#: Blocks freed by the running transaction (unusable until it commits) worth a commit before the next
+#: operation, so that a file rewritten after a large delete reuses the space (``short_of_space``).
+PENDING_COMMIT_BYTES = 64 << 20
 
 
 @dataclass(eq=False)
@@ -218,6 +221,7 @@ class FileSystem:
         )
         self.journal.abort_hooks += [self.balloc.recount, self.ialloc.recount]
         self.balloc.defer_frees = self.journal.enabled
+        self.balloc.pending_commit = max(1, PENDING_COMMIT_BYTES // self.bs)
         self.journal.pressure.append(self.balloc.short_of_space)
         self.journal.after_commit += [self.balloc.frees_committed, self._checkpointed]
         self.inodes = InodeStore(sb, self.cache, self.journal, self.balloc, self.ialloc)
