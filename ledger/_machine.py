@@ -108,9 +108,19 @@ class Ledger:
         K.set_interrupts(self.engine.mem, q.q, False)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, read_only: bool = False, **kwargs: Any) -> Ledger:
-        """A ledger on an image file (which must exist and be a multiple of 512 bytes)."""
-        backend = FileBackend(Path(path), read_only=read_only)
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        read_only: bool = False,
+        direct_reads: bool = True,
+        **kwargs: Any,
+    ) -> Ledger:
+        """A ledger on an image file (which must exist and be a multiple of 512 bytes).
+
+        ``direct_reads``: large aligned reads go around the host page cache (:class:`FileBackend`).
+        """
+        backend = FileBackend(Path(path), read_only=read_only, direct_reads=direct_reads)
         try:
             return cls(backend, **kwargs)
         except BaseException:

@@ -8,8 +8,11 @@ file descriptor, or -1) and a ``ram`` array (the bytes of an in-memory disk, or
 an empty array).  One cached kernel serves both kinds:
 
 * :class:`FileBackend` - a raw image file.  Reads/writes are ``pread``/
-  ``pwrite`` straight between the file and guest memory; FLUSH is
-  ``fdatasync``; DISCARD punches a hole; WRITE_ZEROES uses
+  ``pwrite`` straight between the file and guest memory; a large read
+  (``DIRECT_MIN`` bytes or more, 4 KiB-aligned) goes through a second,
+  ``O_DIRECT`` descriptor (``direct_fd``), so it lands in guest memory by DMA
+  instead of through the host page cache (QEMU's ``cache=none`` for reads);
+  FLUSH is ``fdatasync``; DISCARD punches a hole; WRITE_ZEROES uses
   ``FALLOC_FL_ZERO_RANGE`` (punch hole with UNMAP), falling back to writing
   zeros where the filesystem lacks those modes.  A read-only backend opens the
   image ``O_RDONLY`` and the device then offers VIRTIO_BLK_F_RO.
@@ -64,6 +67,8 @@ class Backend:
     """What the device needs from a backend (see the module docstring)."""
 
     image_fd: int = -1
+    #: an ``O_DIRECT`` descriptor of the same image for large aligned reads, or -1
+    direct_fd: int = -1
     ram: npt.NDArray[np.uint8] = _EMPTY
     nbytes: int = 0
     read_only: bool = False
@@ -231,13 +236,19 @@ class FileBackend(Backend):
     Args:
         path: an existing image whose size is a positive multiple of 512.
         read_only: open ``O_RDONLY``; the device then offers VIRTIO_BLK_F_RO.
+        direct_reads: also open the image ``O_DIRECT`` for large aligned reads (ignored where the
+            filesystem refuses ``O_DIRECT``, e.g. tmpfs).  Writes always go through the page cache
+            (a FLUSH makes them durable); the kernel writes dirty cached pages of a range back
+            before a direct read of it, so such a read sees every completed write.
 
     Raises:
         ImageSizeError: the size is not a positive multiple of 512 (the fd is closed again).
         OSError: the file cannot be opened.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, read_only: bool = False, direct_reads: bool = True
+    ) -> None:
         self.path = os.fspath(path)
         self.read_only = read_only
         self.name = os.path.basename(self.path) or "image"
@@ -255,8 +266,16 @@ class FileBackend(Backend):
             raise
         self.image_fd = fd
         self.nbytes = size
+        if direct_reads:
+            try:
+                self.direct_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+            except OSError:
+                self.direct_fd = -1  # no O_DIRECT here (tmpfs, some FUSE filesystems): page cache only
 
     def close(self) -> None:
+        if self.direct_fd >= 0:
+            os.close(self.direct_fd)
+            self.direct_fd = -1
         if self.image_fd >= 0:
             os.close(self.image_fd)
             self.image_fd = -1

@@ -63,6 +63,9 @@ options:
                         to a queue with a device worker thread, so disk I/O overlaps other requests
   -o iothreads=all      every queue has a worker thread (no trapped queue)
   -o noiothreads        every request served on the daemon's thread: no I/O overlap at all
+  -o directread (default)  large reads (128 KiB or more, aligned) bypass the host page cache: the
+                        device reads the image with O_DIRECT (no copy, no double caching; like QEMU's
+                        cache=none, for reads only)   -o nodirectread: every read through the page cache
   -o fastwait (default)  take the next FUSE request without a scheduler round trip when one is
                         already queued (see sovfs/_fastloop.py)     -o nofastwait: pyfuse3's own wait
   -o reqspin=US         with fastwait: poll /dev/fuse this long for the next request before sleeping,
@@ -110,6 +113,7 @@ class MountOptions:
     writeback_cache: bool = False
     iothreads: bool = True
     lone_trap: bool = True  # iothreads: a trapped queue for lone requests (iothreads=all: False)
+    direct_reads: bool = True
     fastwait: bool = True
     reqspin_us: int = 50
     readahead_kib: int = 1024
@@ -174,6 +178,8 @@ def _apply(o: MountOptions, opt: str) -> None:
         o.lone_trap = True
     elif name == "iothreads" and value == "all":
         o.iothreads, o.lone_trap = True, False
+    elif name in ("directread", "nodirectread"):
+        o.direct_reads = name == "directread"
     elif name in ("fastwait", "nofastwait"):
         o.fastwait = name == "fastwait"
     elif name in ("relatime", "noatime", "strictatime"):
@@ -333,7 +339,9 @@ class _Daemon:
             notify: str | tuple[str, ...] = "trap"
             if o.iothreads:
                 notify = ("trap", "eventfd") if o.lone_trap else "eventfd"
-            dev = open_block_device(o.spec, read_only=o.read_only, num_queues=2, notify=notify)
+            dev = open_block_device(
+                o.spec, read_only=o.read_only, direct_reads=o.direct_reads, num_queues=2, notify=notify
+            )
         except (OSError, ValueError) as e:
             raise MountError(f"{o.spec}: cannot open image: {_first_line(e)}") from None
         try:

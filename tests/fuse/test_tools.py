@@ -221,6 +221,53 @@ def test_iothreads_modes_set_the_device_worker_threads(
     assert fsck(image, "-n", "-f").returncode == 0
 
 
+def _direct_image_fds(pid: int, image: Path) -> int:
+    """How many of the daemon's descriptors have ``image`` open with O_DIRECT (from /proc fdinfo)."""
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != str(image.resolve()):
+                continue
+            flags = next(
+                int(line.split()[1], 8)
+                for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines()
+                if line.startswith("flags:")
+            )
+        except OSError:
+            continue
+        n += bool(flags & os.O_DIRECT)
+    return n
+
+
+def test_directread_opens_the_image_for_direct_reads_and_nodirectread_does_not(
+    image: Path, mnt_factory: object
+) -> None:
+    """Default: the device holds a second, O_DIRECT descriptor of the image for large reads;
+    ``-o nodirectread``: it does not.  A file larger than the direct-read threshold reads back intact
+    either way."""
+    mount: Mount = mnt_factory(image)  # type: ignore[operator]
+    data = os.urandom(5 * 1024 * 1024 + 4097)
+    for opt, want in (("", 1), ("nodirectread", 0)):
+        mount.mount(*([opt] if opt else []))
+        assert mount.pid is not None
+        if want and not _direct_image_fds(mount.pid, image):
+            mount.unmount()
+            pytest.skip("the image's filesystem refuses O_DIRECT")
+        assert _direct_image_fds(mount.pid, image) == want
+        (mount.mnt / f"f{want}.bin").write_bytes(data)
+        mount.unmount()
+        mount.mount(*([opt] if opt else []))  # a fresh daemon: the reads come from the image
+        assert (mount.mnt / f"f{want}.bin").read_bytes() == data
+        fd = os.open(mount.mnt / f"f{want}.bin", os.O_RDONLY | os.O_DIRECT)
+        try:
+            buf = mmap.mmap(-1, 1 << 20)
+            assert os.preadv(fd, [buf], 1 << 20) == 1 << 20 and buf[:] == data[1 << 20 : 2 << 20]
+        finally:
+            os.close(fd)
+        mount.unmount()
+    assert fsck(image, "-n", "-f").returncode == 0
+
+
 @pytest.mark.parametrize("wait", ["fastwait", "nofastwait"])
 def test_concurrent_requests_with_either_request_wait(image: Path, mnt_factory: object, wait: str) -> None:
     """Eight threads writing and reading back their own 4 KiB blocks of one file at once keep the
