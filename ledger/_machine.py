@@ -113,7 +113,7 @@ class Ledger:
         path: str | os.PathLike[str],
         *,
         read_only: bool = False,
-        direct_reads: bool = True,
+        direct_reads: bool = False,
         **kwargs: Any,
     ) -> Ledger:
         """A ledger on an image file (which must exist and be a multiple of 512 bytes).

@@ -8,10 +8,11 @@ file descriptor, or -1) and a ``ram`` array (the bytes of an in-memory disk, or
 an empty array).  One cached kernel serves both kinds:
 
 * :class:`FileBackend` - a raw image file.  Reads/writes are ``pread``/
-  ``pwrite`` straight between the file and guest memory; a large read
-  (``DIRECT_MIN`` bytes or more, 4 KiB-aligned) goes through a second,
-  ``O_DIRECT`` descriptor (``direct_fd``), so it lands in guest memory by DMA
-  instead of through the host page cache (QEMU's ``cache=none`` for reads);
+  ``pwrite`` straight between the file and guest memory; with
+  ``direct_reads``, a large read (``DIRECT_MIN`` bytes or more, 4 KiB-aligned)
+  goes through a second, ``O_DIRECT`` descriptor (``direct_fd``), so it lands
+  in guest memory by DMA instead of through the host page cache (QEMU's
+  ``cache=none``, for reads only);
   FLUSH is ``fdatasync``; DISCARD punches a hole; WRITE_ZEROES uses
   ``FALLOC_FL_ZERO_RANGE`` (punch hole with UNMAP), falling back to writing
   zeros where the filesystem lacks those modes.  A read-only backend opens the
@@ -247,7 +248,7 @@ class FileBackend(Backend):
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, read_only: bool = False, direct_reads: bool = True
+        self, path: str | os.PathLike[str], *, read_only: bool = False, direct_reads: bool = False
     ) -> None:
         self.path = os.fspath(path)
         self.read_only = read_only

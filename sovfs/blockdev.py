@@ -130,7 +130,7 @@ class LedgerBlockDevice:
 
 
 def open_block_device(
-    path: str, read_only: bool = False, direct_reads: bool = True, **ledger_options: Any
+    path: str, read_only: bool = False, direct_reads: bool = False, **ledger_options: Any
 ) -> LedgerBlockDevice:
     """Open the image file at ``path`` through the ledger driver.
 

@@ -63,9 +63,9 @@ options:
                         to a queue with a device worker thread, so disk I/O overlaps other requests
   -o iothreads=all      every queue has a worker thread (no trapped queue)
   -o noiothreads        every request served on the daemon's thread: no I/O overlap at all
-  -o directread (default)  large reads (128 KiB or more, aligned) bypass the host page cache: the
-                        device reads the image with O_DIRECT (no copy, no double caching; like QEMU's
-                        cache=none, for reads only)   -o nodirectread: every read through the page cache
+  -o directread         large reads (128 KiB or more, aligned) bypass the host page cache: the device
+                        reads the image with O_DIRECT (no copy, no double caching; like QEMU's
+                        cache=none, for reads only)   -o nodirectread (default): all through the cache
   -o fastwait (default)  take the next FUSE request without a scheduler round trip when one is
                         already queued (see sovfs/_fastloop.py)     -o nofastwait: pyfuse3's own wait
   -o reqspin=US         with fastwait: poll /dev/fuse this long for the next request before sleeping,
@@ -113,7 +113,7 @@ class MountOptions:
     writeback_cache: bool = False
     iothreads: bool = True
     lone_trap: bool = True  # iothreads: a trapped queue for lone requests (iothreads=all: False)
-    direct_reads: bool = True
+    direct_reads: bool = False
     fastwait: bool = True
     reqspin_us: int = 50
     readahead_kib: int = 1024

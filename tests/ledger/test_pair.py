@@ -265,10 +265,11 @@ def _direct_bytes(led: Ledger) -> int:
 
 
 def test_large_aligned_reads_go_around_the_page_cache_and_see_every_write(tmp_path) -> None:
-    """A file backend opens the image a second time with O_DIRECT: reads of DIRECT_MIN bytes or more,
-    4 KiB-aligned, go through it (no page-cache copy); smaller or unaligned reads, and all writes,
-    go through the page cache.  A direct read of a range just written (still dirty in the page
-    cache) returns the new data: the kernel writes such pages back first."""
+    """With ``direct_reads`` a file backend opens the image a second time with O_DIRECT: reads of
+    DIRECT_MIN bytes or more, 4 KiB-aligned, go through it (no page-cache copy); smaller or unaligned
+    reads, and all writes, go through the page cache.  A direct read of a range just written (still
+    dirty in the page cache) returns the new data: the kernel writes such pages back first.  Off by
+    default."""
     import tempfile
 
     from ledger import _device_kernel as DK
@@ -279,7 +280,7 @@ def test_large_aligned_reads_go_around_the_page_cache_and_see_every_write(tmp_pa
             img = os.path.join(where, "disk.img")
             with open(img, "wb") as f:
                 f.truncate(8 * MB)
-            probe = FileBackend(img)
+            probe = FileBackend(img, direct_reads=True)
             ok = probe.direct_fd >= 0
             probe.close()
             if ok:
@@ -288,7 +289,7 @@ def test_large_aligned_reads_go_around_the_page_cache_and_see_every_write(tmp_pa
             pytest.skip("no filesystem here accepts O_DIRECT")
         rng = random.Random(11)
         big = DK.DIRECT_MIN
-        with Ledger.open(img, num_queues=1, device_queues=1) as led:
+        with Ledger.open(img, num_queues=1, device_queues=1, direct_reads=True) as led:
             blk = led.sync()
             for rnd in range(3):  # overwrite and read back: every read sees the write before it
                 data = rng.randbytes(2 * MB)
@@ -305,8 +306,11 @@ def test_large_aligned_reads_go_around_the_page_cache_and_see_every_write(tmp_pa
         with open(img, "rb") as f:
             f.seek(2048 * 512)
             assert f.read(2 * MB) == data
-        with Ledger.open(img, num_queues=1, device_queues=1) as led:  # a new ledger reads it directly too
+        with Ledger.open(img, num_queues=1, device_queues=1, direct_reads=True) as led:  # a new ledger too
             assert led.sync().read(2048, 2 * MB // 512) == data and _direct_bytes(led) == 2 * MB
+        with Ledger.open(img, num_queues=1, device_queues=1) as led:  # the default: the page cache only
+            assert led.backend.direct_fd == -1
+            assert led.sync().read(2048, 2 * MB // 512) == data and _direct_bytes(led) == 0
 
 
 async def test_idle_ledger_uses_no_cpu() -> None:
