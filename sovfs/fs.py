@@ -233,6 +233,8 @@ class FileSystem:
         #: one off the list O(1); checked against the inodes before use, rebuilt by a walk if stale
         self._orphan_prev: dict[int, int] = {}
         self.orphan_walks = 0  # list walks taken because the hint was missing or stale (tests)
+        # after the inode store's own hooks (registered above): re-derive the orphan set from the list
+        self.journal.abort_hooks.append(self._orphans_from_list)
         self.failed: str | None = None  # failsafe reason, once switched
         self.closed = False
 
@@ -717,6 +719,18 @@ class FileSystem:
         self.inodes.put(tx, prev)
         if nxt:
             hints[nxt] = prev.ino
+
+    def _orphans_from_list(self) -> None:
+        """Abort hook: the aborted operation may have pushed an orphan on the list or taken one off
+        (the journal restores the head and the inodes' links); the in-memory set and hints follow
+        the restored list."""
+        self._orphans.clear()
+        self._orphan_prev.clear()
+        before, ino, seen = 0, self.journal.orphan_head, 0
+        while 0 < ino < self.sb.inode_count and seen <= self.sb.inode_count and ino not in self._orphans:
+            self._orphans.add(ino)
+            self._orphan_prev[ino] = before
+            before, ino, seen = ino, self.inodes.get(ino).inode.parent, seen + 1
 
     def _walk_orphans_to(self, ino: int) -> InodeRec | None:
         """Walk the on-disk orphan list from the head to ``ino``'s predecessor, re-recording the hint

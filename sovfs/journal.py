@@ -25,8 +25,9 @@ images, not deltas.
 
 Aborts: an operation that raises must leave memory equal to "running transaction without it".  At
 the end of every successful operation the images of its blocks are remembered (``_snap``); an abort
-restores those images into the cache, discards buffers the running transaction never had, and runs
-the abort hooks (the layers above re-derive inode records and allocator counters).
+restores those images into the cache, discards buffers the running transaction never had, puts the
+orphan head back to what it was when the operation began, and runs the abort hooks (the layers
+above re-derive inode records, allocator counters and the in-memory orphan set).
 
 With ``enabled=False`` (debug switch, and the fallback when no journal region is given) every
 operation is written in place at its end with one ``pwritev``, as SovFS v1.0 did.
@@ -72,10 +73,12 @@ _U64 = struct.Struct("<Q")
 class Transaction:
     """One operation's set of dirtied blocks (joins the running transaction when it ends)."""
 
-    __slots__ = ("_abort_hooks", "_commit_hooks", "blocks")
+    __slots__ = ("_abort_hooks", "_commit_hooks", "blocks", "orphan")
 
-    def __init__(self) -> None:
+    def __init__(self, orphan: tuple[int, bool] = (0, False)) -> None:
         self.blocks: dict[int, Buf] = {}
+        #: the journal's (orphan_head, orphan_dirty) when the operation began: restored on abort
+        self.orphan = orphan
         self._abort_hooks: list[Callable[[], None]] = []
         self._commit_hooks: list[Callable[[], None]] = []
 
@@ -163,7 +166,7 @@ class Journal:
     def _begin(self) -> Transaction:
         if self.running and self._should_commit():
             self.commit()
-        tx = self._tx = Transaction()
+        tx = self._tx = Transaction((self.orphan_head, self._orphan_dirty))
         return tx
 
     def _end(self, tx: Transaction) -> None:
@@ -200,6 +203,7 @@ class Journal:
                 buf.parsed = None
                 buf.dirty = True
         self.cache.discard(gone)
+        self.orphan_head, self._orphan_dirty = tx.orphan  # a logical record: restored like the blocks
         for hook in [*tx._abort_hooks, *self.abort_hooks]:
             hook()
 

@@ -97,6 +97,49 @@ def test_orphans_leave_the_list_from_anywhere_without_walking_it(fs: FileSystem,
         assert 0 < fs.orphan_walks - walks0 < 200
 
 
+def test_an_aborted_operation_leaves_the_orphan_list_as_it_was(
+    dev_fs: tuple[RamLedgerDevice, FileSystem], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operation that fails after pushing an orphan (a rename over a file the kernel still holds)
+    or before finishing taking one off (the free at the last forget) is rolled back: the on-disk
+    list, its head and the in-memory orphan set are what they were before it.  (Before, the head
+    kept pointing at the pushed inode - still linked in its directory, freed at its next forget -
+    and the older orphans fell off the list for good.)"""
+    from sovfs.errors import NoSpace
+
+    dev, fs = dev_fs
+    a, b = fs.create(R, b"a"), fs.create(R, b"b")
+    fs.create(R, b"c")
+    fs.ref(a.ino)
+    fs.ref(b.ino)
+    fs.unlink(R, b"a")
+    assert _orphan_list(fs) == [a.ino]
+
+    def boom(*args: object, **kw: object) -> None:
+        raise NoSpace("injected")
+
+    with monkeypatch.context() as m:  # fails after b was pushed on the list
+        m.setattr(fs.dirs, "remove", boom)
+        with pytest.raises(NoSpace):
+            fs.rename(R, b"c", R, b"b")
+    assert _orphan_list(fs) == [a.ino] and fs.is_orphan(a.ino) and not fs.is_orphan(b.ino)
+    assert fs.lookup(R, b"b").ino == b.ino and fs.getattr(b.ino).nlink == 1
+    fs.forget(b.ino, 1)  # still linked: stays
+    assert fs.lookup(R, b"b").ino == b.ino
+
+    with monkeypatch.context() as m:  # the last forget of a: its free fails
+        m.setattr(fs.inodes, "free", boom)
+        with pytest.raises(NoSpace):
+            fs.forget(a.ino, 1)
+    assert _orphan_list(fs) == [a.ino] and fs.is_orphan(a.ino)
+    fs.close()  # frees the orphan that is left
+    with FileSystem.mount(dev, require_clean=True) as fs2:
+        assert fs2.journal.orphan_head == 0
+        with pytest.raises(NotFound):
+            fs2.getattr(a.ino)
+        assert fs2.lookup(R, b"b").ino == b.ino and fs2.lookup(R, b"c")
+
+
 def test_fsync_flushes(dev_fs: tuple[RamLedgerDevice, FileSystem]) -> None:
     dev, fs = dev_fs
     a = fs.create(R, b"f")
