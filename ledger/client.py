@@ -538,7 +538,9 @@ class SyncBlk:
             e.stage(t, sector, buf, nbytes, g, i)
         # This thread waits for the group anyway: a lone request is served on it by a trapped
         # queue (no hand-off, no wake-up); several are spread so worker queues move in parallel.
-        e.flush(len(reqs) == 1 or None)
+        # Counted over everything staged: a trio task may have staged requests of its own (meant
+        # for the workers) and yielded before publishing them, and this flush publishes those too.
+        e.flush(e.staged == 1 or None)
         self._wait(g)
         return g
 

@@ -65,7 +65,8 @@ options:
   -o noiothreads        every request served on the daemon's thread: no I/O overlap at all
   -o directread         large reads (128 KiB or more, aligned) bypass the host page cache: the device
                         reads the image with O_DIRECT (no copy, no double caching; like QEMU's
-                        cache=none, for reads only)   -o nodirectread (default): all through the cache
+                        cache=none, for reads only)
+  -o nodirectread (default)  every read through the host page cache
   -o fastwait (default)  take the next FUSE request without a scheduler round trip when one is
                         already queued (see sovfs/_fastloop.py)     -o nofastwait: pyfuse3's own wait
   -o reqspin=US         with fastwait: poll /dev/fuse this long for the next request before sleeping,

@@ -162,7 +162,7 @@ def scenario(draw: st.DrawFn) -> Scenario:
     p[K.P_GBASE], p[K.P_GSIZE], p[K.P_QUEUE], p[K.P_QNUM] = BASE, SIZE, 0, n
     p[K.P_DESC], p[K.P_AVAIL], p[K.P_USED] = BASE + DESC, BASE + AVAIL, BASE + USED
     p[K.P_FLAGS] = draw(st.integers(0, 63)) | (K.K_INDIRECT if style == "indirect" else 0)
-    p[K.P_KICK_FD] = p[K.P_CALL_FD] = p[K.P_CONFIG_FD] = p[K.P_IMAGE_FD] = -1
+    p[K.P_KICK_FD] = p[K.P_CALL_FD] = p[K.P_CONFIG_FD] = p[K.P_IMAGE_FD] = p[K.P_DIRECT_FD] = -1
     p[K.P_CAPACITY] = CAP
     p[K.P_MAX_DISCARD_SECTORS] = p[K.P_MAX_WZ_SECTORS] = 3
     p[K.P_MAX_DISCARD_SEG] = p[K.P_MAX_WZ_SEG] = 1
