@@ -485,7 +485,7 @@ def image_io(mem, segs, nseg, want_write, skip, total, img, image_fd, ram, is_wr
             else:
                 c_memcpy(address_of(mem, o), address_of(ram, img + done), np.uint64(k))
         else:
-            e = EINVAL
+            e = EINVAL  # "use the page cache": the direct read was not tried, or was refused
             if (
                 not is_write
                 and direct_fd >= 0
