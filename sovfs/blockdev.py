@@ -129,20 +129,16 @@ class LedgerBlockDevice:
             self.ledger.close()
 
 
-def open_block_device(
-    path: str, read_only: bool = False, direct_reads: bool = False, **ledger_options: Any
-) -> LedgerBlockDevice:
+def open_block_device(path: str, read_only: bool = False, **ledger_options: Any) -> LedgerBlockDevice:
     """Open the image file at ``path`` through the ledger driver.
 
-    ``direct_reads``: large aligned reads bypass the host page cache (``ledger.backend.FileBackend``).
-    ``ledger_options`` go to :meth:`ledger.Ledger.open` (queues, polling windows).
+    ``ledger_options`` go to :meth:`ledger.Ledger.open` (queues, polling windows, direct reads).
 
     Raises:
         ledger.backend.BackendError: the file is missing, unreadable, or not a
             whole number of 512-byte sectors.
     """
-    ledger = Ledger.open(path, read_only=read_only, direct_reads=direct_reads, **ledger_options)
-    return LedgerBlockDevice(ledger)
+    return LedgerBlockDevice(Ledger.open(path, read_only=read_only, **ledger_options))
 
 
 def ram_block_device(nbytes: int) -> LedgerBlockDevice:

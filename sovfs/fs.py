@@ -232,9 +232,9 @@ class FileSystem:
         #: orphan -> the orphan before it on the on-disk list (0: the head), a hint that makes taking
         #: one off the list O(1); checked against the inodes before use, rebuilt by a walk if stale
         self._orphan_prev: dict[int, int] = {}
-        self.orphan_walks = 0  # list walks taken because the hint was missing or stale (tests)
+        self.orphan_walks = 0  # walks of the whole list (an abort, or a stale hint; tests count them)
         # after the inode store's own hooks (registered above): re-derive the orphan set from the list
-        self.journal.abort_hooks.append(self._orphans_from_list)
+        self.journal.abort_hooks.append(self._index_orphans)
         self.failed: str | None = None  # failsafe reason, once switched
         self.closed = False
 
@@ -697,10 +697,10 @@ class FileSystem:
 
         The list is singly linked (through ``parent``) and an orphan leaves it from anywhere - the
         first file unlinked is usually the first released, at the far end from the head.  The
-        ``_orphan_prev`` hint names its predecessor; it is trusted only if that inode still links to
-        ``rec`` (an aborted transaction can leave it stale), else one walk from the head finds the
-        predecessor and re-records every link it passes.  (Before the hint, releasing n orphans in
-        the order they were unlinked walked the list n times: O(n²) inode reads.)
+        ``_orphan_prev`` hint names its predecessor; it is trusted only if that inode is an orphan
+        that still links to ``rec``, else one walk of the list re-records every hint.  (Before the
+        hint, releasing n orphans in the order they were unlinked walked the list n times: O(n²)
+        inode reads.)
         """
         ino, nxt = rec.ino, rec.inode.parent
         hints = self._orphan_prev
@@ -712,39 +712,35 @@ class FileSystem:
             return
         prev = self.inodes.get(hint) if hint and hint in self._orphans else None
         if prev is None or prev.inode.parent != ino:
-            prev = self._walk_orphans_to(ino)
-        if prev is None:
-            return  # not on the list (nothing to unlink)
+            self._index_orphans(keep_set=True)
+            hints = self._orphan_prev  # a new dict
+            hint = hints.pop(ino, None)
+            if not hint:
+                return  # not on the list (nothing to unlink)
+            prev = self.inodes.get(hint)
         prev.inode.parent = nxt
         self.inodes.put(tx, prev)
         if nxt:
             hints[nxt] = prev.ino
 
-    def _orphans_from_list(self) -> None:
-        """Abort hook: the aborted operation may have pushed an orphan on the list or taken one off
-        (the journal restores the head and the inodes' links); the in-memory set and hints follow
-        the restored list."""
-        self._orphans.clear()
-        self._orphan_prev.clear()
-        before, ino, seen = 0, self.journal.orphan_head, 0
-        while 0 < ino < self.sb.inode_count and seen <= self.sb.inode_count and ino not in self._orphans:
-            self._orphans.add(ino)
-            self._orphan_prev[ino] = before
-            before, ino, seen = ino, self.inodes.get(ino).inode.parent, seen + 1
+    def _index_orphans(self, keep_set: bool = False) -> None:
+        """Walk the on-disk orphan list and re-record every predecessor hint; unless ``keep_set``,
+        the in-memory orphan set becomes the list's members too.
 
-    def _walk_orphans_to(self, ino: int) -> InodeRec | None:
-        """Walk the on-disk orphan list from the head to ``ino``'s predecessor, re-recording the hint
-        of every orphan passed; None if ``ino`` is not on the list."""
+        The abort hook: the aborted operation may have pushed an orphan on the list or taken one off
+        (the journal restores the head and the inodes' links), and set and hints follow the restored
+        list.  With ``keep_set``, the repair of a stale hint (the set may already lack an orphan
+        being taken off).  Stops at a link out of range or back into the list (a corrupt list).
+        """
         self.orphan_walks += 1
-        hints = self._orphan_prev
-        before, cur, seen = 0, self.journal.orphan_head, 0
-        while cur and seen <= self.sb.inode_count:
-            hints[cur] = before
-            node = self.inodes.get(cur)
-            if node.inode.parent == ino:
-                return node
-            before, cur, seen = cur, node.inode.parent, seen + 1
-        return None
+        hints: dict[int, int] = {}
+        before, ino = 0, self.journal.orphan_head
+        while 0 < ino < self.sb.inode_count and ino not in hints:
+            hints[ino] = before
+            before, ino = ino, self.inodes.get(ino).inode.parent
+        self._orphan_prev = hints
+        if not keep_set:
+            self._orphans = set(hints)
 
     def open(self, ino: int) -> None:
         """Count an open handle: an unlinked inode stays allocated until the last release."""
