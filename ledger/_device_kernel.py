@@ -84,6 +84,7 @@ from ledger._native import (
     c_pwrite,
     c_read,
     c_sched_yield,
+    c_sync_file_range,
     c_write,
     errno,
     fence_seq_cst,
@@ -174,10 +175,14 @@ SPIN_MIN_NS = 4_000  # the polling window never shrinks below this
 P_SINGLE_PASS = 19
 P_INDIRECT_MAX = 20
 P_DIRECT_FD = 21  # O_DIRECT descriptor of the image for large aligned reads, or -1
+P_WRITE_BEHIND_MIN = 22  # a worker starts write-back of written image ranges this large (0: never)
 P_SIZE = 24
 #: reads of at least this many bytes (4 KiB-aligned in guest memory and on the image) use P_DIRECT_FD
 DIRECT_MIN = 128 * 1024
 DIRECT_ALIGN = 4096
+#: P_WRITE_BEHIND_MIN of a file backend with write-behind on
+WRITE_BEHIND_MIN = 256 * 1024
+SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start write-back of the range, do not wait for it
 
 # p[P_FLAGS] bits: what was negotiated / how the backend is opened
 K_EVENT_IDX = 1
@@ -205,6 +210,9 @@ C_ERRORS = 9
 C_INTERRUPTS = 10
 C_SLEEPS = 11
 C_DIRECT_BYTES = 12  # bytes read through P_DIRECT_FD
+C_WB_LO = 13  # image byte range [C_WB_LO, C_WB_HI) written by this pass, for write-behind
+C_WB_HI = 14
+C_WB_BYTES = 15  # bytes whose write-back a worker started early (write-behind)
 C_SIZE = 16
 
 # --- wc[]: volatile write cache (power-cut simulation) -------------------------
@@ -691,6 +699,15 @@ def handle_request(
                 diag_put(diag, D_IO_ERROR, q, seq, head, head, rtype, sector, e, OP_PWRITE, 0)
                 return
             ctl[C_BYTES_WRITTEN] += n
+            wb_min = p[P_WRITE_BEHIND_MIN]
+            if wb_min > 0 and n >= wb_min and image_fd >= 0 and not cached and not through:
+                lo = sector * 512
+                if ctl[C_WB_HI] <= ctl[C_WB_LO]:
+                    ctl[C_WB_LO] = lo
+                    ctl[C_WB_HI] = lo + n
+                else:
+                    ctl[C_WB_LO] = min(ctl[C_WB_LO], lo)
+                    ctl[C_WB_HI] = max(ctl[C_WB_HI], lo + n)
             if cached:
                 wc_write(wc, wc_data, durable, ram, sector * 512, n, through)
             if kflags & K_WRITETHROUGH and image_fd >= 0 and c_fdatasync(np.int32(image_fd)) != 0:
@@ -998,12 +1015,35 @@ def serve_queue(
             publish(mem, p, ctl, shared, heads, stat, ulen, soff, n, order)
         for i in range(n):
             inflight[heads[i]] = 0
+        write_behind(p, ctl, single)
         completed += n
         if broken:
             needs_reset(p, ctl, shared, call_fds)
             break
         idle_since = monotonic_ns()
     return completed
+
+
+@njit(cache=True)
+def write_behind(p, ctl, single):
+    """Start the host's write-back of the large writes this pass completed (``C_WB_LO/HI``).
+
+    After the completions are published, so the driver does not wait for it: the pages go
+    to the disk while the guest goes on, and a later FLUSH (``fdatasync``) has less left to
+    write.  ``SYNC_FILE_RANGE_WRITE`` only queues the write-back; it is a hint, its errors
+    are fdatasync's to report.  A trapped queue (``single``) skips it: there the caller's
+    own thread would pay for it.
+    """
+    lo = ctl[C_WB_LO]
+    hi = ctl[C_WB_HI]
+    if hi <= lo:
+        return
+    ctl[C_WB_LO] = 0
+    ctl[C_WB_HI] = 0
+    if single:
+        return
+    c_sync_file_range(np.int32(p[P_IMAGE_FD]), lo, hi - lo, np.uint32(SYNC_FILE_RANGE_WRITE))
+    ctl[C_WB_BYTES] += hi - lo
 
 
 @njit(cache=True)

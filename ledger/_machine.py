@@ -114,13 +114,17 @@ class Ledger:
         *,
         read_only: bool = False,
         direct_reads: bool = False,
+        write_behind: bool = True,
         **kwargs: Any,
     ) -> Ledger:
         """A ledger on an image file (which must exist and be a multiple of 512 bytes).
 
-        ``direct_reads``: large aligned reads go around the host page cache (:class:`FileBackend`).
+        ``direct_reads``: large aligned reads go around the host page cache; ``write_behind``:
+        workers start the write-back of large writes once they completed them (:class:`FileBackend`).
         """
-        backend = FileBackend(Path(path), read_only=read_only, direct_reads=direct_reads)
+        backend = FileBackend(
+            Path(path), read_only=read_only, direct_reads=direct_reads, write_behind=write_behind
+        )
         try:
             return cls(backend, **kwargs)
         except BaseException:

@@ -202,6 +202,7 @@ c_read = types.ExternalFunction("read", _i64(_i32, _i64, _u64))
 c_write = types.ExternalFunction("write", _i64(_i32, _i64, _u64))
 c_fdatasync = types.ExternalFunction("fdatasync", _i32(_i32))
 c_fallocate = types.ExternalFunction("fallocate", _i32(_i32, _i32, _i64, _i64))
+c_sync_file_range = types.ExternalFunction("sync_file_range", _i32(_i32, _i64, _i64, types.uint32))
 c_memcpy = types.ExternalFunction("memcpy", _i64(_i64, _i64, _u64))
 c_memset = types.ExternalFunction("memset", _i64(_i64, _i32, _u64))
 # Spin loops call this now and then: on a machine with fewer cores than busy

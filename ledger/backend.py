@@ -12,7 +12,10 @@ an empty array).  One cached kernel serves both kinds:
   ``direct_reads``, a large read (``DIRECT_MIN`` bytes or more, 4 KiB-aligned)
   goes through a second, ``O_DIRECT`` descriptor (``direct_fd``), so it lands
   in guest memory by DMA instead of through the host page cache (QEMU's
-  ``cache=none``, for reads only);
+  ``cache=none``, for reads only); with ``write_behind`` (the default), a
+  worker thread that completed a large write (``WRITE_BEHIND_MIN`` bytes or
+  more) then starts the host's write-back of it (``sync_file_range``), so the
+  disk writes while the guest goes on and a later FLUSH has little left to do;
   FLUSH is ``fdatasync``; DISCARD punches a hole; WRITE_ZEROES uses
   ``FALLOC_FL_ZERO_RANGE`` (punch hole with UNMAP), falling back to writing
   zeros where the filesystem lacks those modes.  A read-only backend opens the
@@ -70,6 +73,8 @@ class Backend:
     image_fd: int = -1
     #: an ``O_DIRECT`` descriptor of the same image for large aligned reads, or -1
     direct_fd: int = -1
+    #: a worker starts the write-back of image writes at least this large (0: never; file backends)
+    write_behind_min: int = 0
     ram: npt.NDArray[np.uint8] = _EMPTY
     nbytes: int = 0
     read_only: bool = False
@@ -241,6 +246,11 @@ class FileBackend(Backend):
             filesystem refuses ``O_DIRECT``, e.g. tmpfs).  Writes always go through the page cache
             (a FLUSH makes them durable); the kernel writes dirty cached pages of a range back
             before a direct read of it, so such a read sees every completed write.
+        write_behind: after a worker queue completes a write of ``WRITE_BEHIND_MIN`` bytes or
+            more, it asks the host to start writing those pages back (``SYNC_FILE_RANGE_WRITE``,
+            which does not wait), instead of leaving them dirty until a FLUSH or the host's
+            flusher.  A FLUSH after a bulk write then finds them written or on their way (256 MiB
+            written, then FLUSH: 95 -> 1 ms).  Trapped queues skip it (the notifier would wait).
 
     Raises:
         ImageSizeError: the size is not a positive multiple of 512 (the fd is closed again).
@@ -248,7 +258,12 @@ class FileBackend(Backend):
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, read_only: bool = False, direct_reads: bool = False
+        self,
+        path: str | os.PathLike[str],
+        *,
+        read_only: bool = False,
+        direct_reads: bool = False,
+        write_behind: bool = True,
     ) -> None:
         self.path = os.fspath(path)
         self.read_only = read_only
@@ -267,6 +282,7 @@ class FileBackend(Backend):
             raise
         self.image_fd = fd
         self.nbytes = size
+        self.write_behind_min = K.WRITE_BEHIND_MIN if write_behind and not read_only else 0
         if direct_reads:
             try:
                 self.direct_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)

@@ -67,6 +67,9 @@ SPREAD_BYTES = 256 << 10
 #: Measured with fio, cold image, 4 KiB random reads: 1 job +35%; with 4 jobs, routing every lone
 #: request there cost 15% (each blocked the thread while other jobs' requests arrived).
 ALONE_RUN_TO_TRAP = 32
+#: :class:`SyncBlk` sends a lone write this large to a worker queue rather than a trapped one
+#: (the device's write-behind, ``_device_kernel.WRITE_BEHIND_MIN``, runs on workers only).
+WORKER_WRITE_MIN = 256 << 10
 #: :meth:`TrioBlk.read_parallel` pieces are at least this large (smaller ones cost more than they overlap).
 PARALLEL_MIN_PIECE = 128 << 10
 _MIN_CLASS = 4096
@@ -462,6 +465,15 @@ class PollWindow:
 # Blocking front end
 
 
+def _large_write(reqs: Sequence[tuple[int, int, int, int]]) -> bool:
+    """Writes only, of :data:`WORKER_WRITE_MIN` bytes or more in all."""
+    if reqs[0][0] != S.VIRTIO_BLK_T_OUT:
+        return False
+    if len(reqs) == 1:
+        return reqs[0][3] >= WORKER_WRITE_MIN
+    return all(r[0] == S.VIRTIO_BLK_T_OUT for r in reqs) and sum(r[3] for r in reqs) >= WORKER_WRITE_MIN
+
+
 class SyncBlk:
     """Blocking block I/O for single-threaded tools (mkfs, fsck, the CLI).
 
@@ -540,7 +552,13 @@ class SyncBlk:
         # queue (no hand-off, no wake-up); several are spread so worker queues move in parallel.
         # Counted over everything staged: a trio task may have staged requests of its own (meant
         # for the workers) and yielded before publishing them, and this flush publishes those too.
-        e.flush(e.staged == 1 or None)
+        # Large writes (of ours alone) go to a worker all the same: having completed them, the
+        # worker starts the host's write-back (device write-behind), work a trapped queue would
+        # do on this thread before the write returns.
+        if e.staged == len(reqs) and _large_write(reqs):
+            e.flush(False)
+        else:
+            e.flush(e.staged == 1 or None)
         self._wait(g)
         return g
 

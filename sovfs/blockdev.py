@@ -132,7 +132,7 @@ class LedgerBlockDevice:
 def open_block_device(path: str, read_only: bool = False, **ledger_options: Any) -> LedgerBlockDevice:
     """Open the image file at ``path`` through the ledger driver.
 
-    ``ledger_options`` go to :meth:`ledger.Ledger.open` (queues, polling windows, direct reads).
+    ``ledger_options`` go to :meth:`ledger.Ledger.open` (queues, polling windows, direct reads, write-behind).
 
     Raises:
         ledger.backend.BackendError: the file is missing, unreadable, or not a

@@ -67,6 +67,10 @@ options:
                         reads the image with O_DIRECT (no copy, no double caching; like QEMU's
                         cache=none, for reads only)
   -o nodirectread (default)  every read through the host page cache
+  -o writebehind (default)  once a device worker completed a large write (256 KiB or more), it
+                        starts the host's write-back of it: an fsync after a bulk write has little
+                        left to write
+  -o nowritebehind      leave the write-back to the host's flusher threads and to fsync
   -o fastwait (default)  take the next FUSE request without a scheduler round trip when one is
                         already queued (see sovfs/_fastloop.py)     -o nofastwait: pyfuse3's own wait
   -o reqspin=US         with fastwait: poll /dev/fuse this long for the next request before sleeping,
@@ -115,6 +119,7 @@ class MountOptions:
     iothreads: bool = True
     lone_trap: bool = True  # iothreads: a trapped queue for lone requests (iothreads=all: False)
     direct_reads: bool = False
+    write_behind: bool = True
     fastwait: bool = True
     reqspin_us: int = 50
     readahead_kib: int = 1024
@@ -181,6 +186,8 @@ def _apply(o: MountOptions, opt: str) -> None:
         o.iothreads, o.lone_trap = True, False
     elif name in ("directread", "nodirectread"):
         o.direct_reads = name == "directread"
+    elif name in ("writebehind", "nowritebehind"):
+        o.write_behind = name == "writebehind"
     elif name in ("fastwait", "nofastwait"):
         o.fastwait = name == "fastwait"
     elif name in ("relatime", "noatime", "strictatime"):
@@ -341,7 +348,12 @@ class _Daemon:
             if o.iothreads:
                 notify = ("trap", "eventfd") if o.lone_trap else "eventfd"
             dev = open_block_device(
-                o.spec, read_only=o.read_only, direct_reads=o.direct_reads, num_queues=2, notify=notify
+                o.spec,
+                read_only=o.read_only,
+                direct_reads=o.direct_reads,
+                write_behind=o.write_behind,
+                num_queues=2,
+                notify=notify,
             )
         except (OSError, ValueError) as e:
             raise MountError(f"{o.spec}: cannot open image: {_first_line(e)}") from None

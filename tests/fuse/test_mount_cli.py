@@ -31,6 +31,9 @@ def test_parse_args_mount8_convention() -> None:
     assert not parse_args(["a", "b"]).direct_reads
     assert parse_args(["a", "b", "-o", "directread"]).direct_reads
     assert not parse_args(["a", "b", "-o", "directread,nodirectread"]).direct_reads
+    assert parse_args(["a", "b"]).write_behind
+    assert not parse_args(["a", "b", "-o", "nowritebehind"]).write_behind
+    assert parse_args(["a", "b", "-o", "nowritebehind,writebehind"]).write_behind
     assert parse_args(["a", "b"]).fastwait
     assert not parse_args(["a", "b", "-o", "nofastwait"]).fastwait
     assert parse_args(["a", "b"]).reqspin_us == 50

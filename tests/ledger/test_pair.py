@@ -313,6 +313,73 @@ def test_large_aligned_reads_go_around_the_page_cache_and_see_every_write(tmp_pa
             assert led.sync().read(2048, 2 * MB // 512) == data and _direct_bytes(led) == 0
 
 
+def _queue_counters(led: Ledger, slot: int) -> list[int]:
+    assert led.device is not None
+    return [int(q.ctl[slot]) for q in led.device._queues]
+
+
+def _settled_counters(led: Ledger, slot: int, want: list[int]) -> list[int]:
+    """The counters once they reach ``want``, or as they are after 5 s (a worker updates its
+    write-behind count just after it published the completion the caller saw)."""
+    deadline = time.monotonic() + 5
+    while (got := _queue_counters(led, slot)) != want and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return got
+
+
+def test_a_worker_starts_the_write_back_of_the_large_writes_it_completed(tmp_path) -> None:
+    """Write-behind (file backends, on by default): a device worker that completed writes of
+    WRITE_BEHIND_MIN bytes or more starts the host's write-back of them (C_WB_BYTES counts it).
+    The blocking front end sends such writes to a worker queue even when they run alone; small
+    writes and reads stay on the trapped queue, which never does write-behind.  The data is the
+    same either way."""
+    from ledger import _device_kernel as DK
+    from ledger.client import WORKER_WRITE_MIN
+
+    assert WORKER_WRITE_MIN >= DK.WRITE_BEHIND_MIN  # what the front end routes, the worker writes behind
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(8 * MB))
+    rng = random.Random(5)
+    big, half, small = rng.randbytes(MB), rng.randbytes(MB // 2), rng.randbytes(4096)
+    with Ledger.open(img, num_queues=2, device_queues=2, notify=("trap", "eventfd")) as led:
+        assert led.device is not None
+        trapped = led.device.trapped.index(True)
+        worker = 1 - trapped
+        blk = led.sync()
+        blk.write(2048, big)
+        want = [0, 0]
+        want[worker] = MB
+        assert _settled_counters(led, DK.C_WB_BYTES, want) == want
+        assert _queue_counters(led, DK.C_REQUESTS)[worker] == 1
+        blk.writev([(4096, half), (4096 + MB // 1024, half)])  # two pieces, together large enough
+        want[worker] = 2 * MB
+        assert _settled_counters(led, DK.C_WB_BYTES, want) == want
+        before = _queue_counters(led, DK.C_REQUESTS)
+        blk.write(8, small)
+        assert blk.read(2048, MB // 512) == big
+        after = _queue_counters(led, DK.C_REQUESTS)
+        assert after[trapped] - before[trapped] == 2 and after[worker] == before[worker]
+        time.sleep(0.05)  # what a worker would have counted by now
+        assert _queue_counters(led, DK.C_WB_BYTES) == want  # small writes, reads: none
+        blk.flush()
+    raw = img.read_bytes()
+    assert raw[2048 * 512 : 2048 * 512 + MB] == big
+    assert raw[4096 * 512 : 4096 * 512 + MB] == half + half
+    assert raw[8 * 512 : 8 * 512 + 4096] == small
+    pair = {"num_queues": 2, "device_queues": 2, "notify": ("trap", "eventfd")}
+    with Ledger.open(img, write_behind=False, **pair) as led:
+        led.sync().write(2048, small * 256)
+        time.sleep(0.05)
+        assert _queue_counters(led, DK.C_WB_BYTES) == [0, 0]
+    with Ledger.open(img, num_queues=1, device_queues=1, notify="trap") as led:  # trapped only
+        blk = led.sync()
+        blk.write(2048, big)
+        assert blk.read(2048, MB // 512) == big
+        assert _queue_counters(led, DK.C_WB_BYTES) == [0]
+    with Ledger.open(img, read_only=True) as led:
+        assert led.backend.write_behind_min == 0
+
+
 async def test_idle_ledger_uses_no_cpu() -> None:
     """After the polling windows end, both sides sleep in the kernel: no busy-spinning."""
     with Ledger.ram(MB, num_queues=2, device_queues=2) as led:
