@@ -202,6 +202,8 @@ class Engine:
         trapped = [q for q in self.queues if q.notify_fd < 0]
         workers = [q for q in self.queues if q.notify_fd >= 0]
         self._routes: dict[bool | None, list[DriverQueue]] = {None: workers + trapped}
+        #: queues whose notify is trapped (served on the notifying thread before it returns)
+        self.trapped: list[DriverQueue] = trapped
         if trapped and workers:
             self._routes[True] = trapped
             self._routes[False] = workers
@@ -557,8 +559,13 @@ class SyncBlk:
         # do on this thread before the write returns.
         if e.staged == len(reqs) and _large_write(reqs):
             e.flush(False)
+        elif e.staged == 1:
+            e.flush(True)
+            for q in e.trapped:  # served during the notify: the completion is in its used ring
+                if q.inflight:
+                    e.harvest(q)
         else:
-            e.flush(e.staged == 1 or None)
+            e.flush(None)
         self._wait(g)
         return g
 
@@ -579,6 +586,19 @@ class SyncBlk:
     def readv(self, requests: Sequence[tuple[int, int]]) -> list[bytes]:
         """Read many (sector, nsectors) ranges with all requests in flight at once."""
         e = self.e
+        if len(requests) == 1 and 0 < requests[0][1] * SECTOR <= e.max_request:
+            # The common case (a metadata block, a small file read): one request, one copy out.
+            sector, n = requests[0]
+            e.check_range(sector, n, False)
+            nbytes = n * SECTOR
+            gpa = e.pool.alloc(nbytes)
+            if gpa is not None:
+                try:
+                    g = self._run(((S.VIRTIO_BLK_T_IN, sector, gpa, nbytes),))
+                    e.raise_for(g, S.VIRTIO_BLK_T_IN, (sector,))
+                    return [e.pool.view(gpa, nbytes).tobytes()]
+                finally:
+                    e.pool.free(gpa, nbytes)
         pieces: list[tuple[int, int, int]] = []  # (owner, sector, bytes)
         for i, (sector, n) in enumerate(requests):
             e.check_range(sector, n, False)
@@ -612,6 +632,24 @@ class SyncBlk:
     def writev(self, requests: Sequence[tuple[int, bytes | bytearray | memoryview]]) -> None:
         """Write many (sector, data) pieces with all requests in flight at once."""
         e = self.e
+        if len(requests) == 1:
+            # The common case (a 4 KiB random write, a journal block): one request.
+            sector, data = requests[0]
+            one = np.frombuffer(data, dtype=np.uint8)
+            n = len(one)
+            if 0 < n <= e.max_request:
+                if n % SECTOR:
+                    raise DriverError(f"write of {n} bytes is not a whole number of 512-byte sectors")
+                e.check_range(sector, n // SECTOR, True)
+                gpa = e.pool.alloc(n)
+                if gpa is not None:
+                    try:
+                        e.pool.view(gpa, n)[:] = one
+                        g = self._run(((S.VIRTIO_BLK_T_OUT, sector, gpa, n),))
+                        e.raise_for(g, S.VIRTIO_BLK_T_OUT, (sector,))
+                    finally:
+                        e.pool.free(gpa, n)
+                    return
         pieces: list[tuple[int, int, npt.NDArray[np.uint8]]] = []
         for sector, data in requests:
             src = np.frombuffer(data, dtype=np.uint8)
@@ -806,11 +844,17 @@ class TrioBlk:
                 # the trapped queue moves its own.
                 alone = self._alone()
                 self._alone_run = self._alone_run + 1 if alone else 0
-                e.flush((n == 1 or None) if self._alone_run >= ALONE_RUN_TO_TRAP else False)
+                trap = n == 1 and self._alone_run >= ALONE_RUN_TO_TRAP
+                e.flush(True if trap else (None if self._alone_run >= ALONE_RUN_TO_TRAP else False))
+                if trap and e.trapped:
+                    # Served during the notify: the completion is in a trapped queue's used ring.
+                    for q in e.trapped:
+                        if q.inflight:
+                            self._reap(q)
                 # The flushing task polls for the completions itself (its own and
                 # those of the requests it published for others) instead of paying
                 # two task switches through the reaper, while polling pays (PollWindow).
-                budget = self.window.budget(alone)
+                budget = self.window.budget(alone) if g in self._waiters else 0
                 if budget:
                     self._poll_inline(g, budget)
                     if not alone:
