@@ -227,16 +227,12 @@ class Directories:
             entry = DirEntry(base + c, ino, ftype, name)
             path, _ = self._descend(d, entry.key)
         _lblock, leaf, _ = path[-1]
+        lo = bisect.bisect_left(leaf.entries, entry.key, key=_KEY)
         ents = list(leaf.entries)
-        lo, hi = 0, len(ents)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if ents[mid].key < entry.key:
-                lo = mid + 1
-            else:
-                hi = mid
+        raws = list(leaf.leaf_raws())
         ents.insert(lo, entry)
-        new = DirNode(level=0, entries=ents)
+        raws.insert(lo, entry.raw)
+        new = DirNode(level=0, entries=ents, raws=raws)
         self._place(tx, d, path, len(path) - 1, new)
         return entry
 
@@ -271,7 +267,9 @@ class Directories:
                     break
             cut = min(max(cut + 1, 1), len(node.entries) - 1)
             r = node.entries[cut:]
-            return DirNode(0, entries=node.entries[:cut]), DirNode(0, entries=r), r[0].key
+            raws = node.leaf_raws()
+            left = DirNode(0, entries=node.entries[:cut], raws=raws[:cut])
+            return left, DirNode(0, entries=r, raws=raws[cut:]), r[0].key
         m = len(node.index) // 2
         r_idx = node.index[m:]
         return DirNode(node.level, index=node.index[:m]), DirNode(node.level, index=r_idx), r_idx[0].key
@@ -283,7 +281,12 @@ class Directories:
         if e is None:
             raise NotFound(f"{name!r} not found")
         leaf = path[-1][1]
-        new = DirNode(level=0, entries=[x for x in leaf.entries if x.key != e.key])
+        i = bisect.bisect_left(leaf.entries, e.key, key=_KEY)  # keys are unique in a directory
+        if i >= len(leaf.entries) or leaf.entries[i] is not e:
+            raise Corrupt(f"directory {d.ino}: entry {name!r} left its leaf during removal")
+        raws = leaf.leaf_raws()
+        ents = leaf.entries[:i] + leaf.entries[i + 1 :]
+        new = DirNode(level=0, entries=ents, raws=raws[:i] + raws[i + 1 :])
         self._shrink(tx, d, path, len(path) - 1, new)
         return e
 
@@ -294,7 +297,12 @@ class Directories:
             raise NotFound(f"{name!r} not found")
         lblock, leaf, _ = path[-1]
         ne = DirEntry(e.key, ino, ftype, name)
-        self._store(tx, d, lblock, DirNode(0, entries=[ne if x.key == e.key else x for x in leaf.entries]))
+        i = bisect.bisect_left(leaf.entries, e.key, key=_KEY)
+        if i >= len(leaf.entries) or leaf.entries[i] is not e:
+            raise Corrupt(f"directory {d.ino}: entry {name!r} left its leaf during replacement")
+        ents, raws = list(leaf.entries), list(leaf.leaf_raws())
+        ents[i], raws[i] = ne, ne.raw
+        self._store(tx, d, lblock, DirNode(0, entries=ents, raws=raws))
         return ne
 
     def _shrink(self, tx: Transaction, d: InodeRec, path: list[tuple[int, DirNode, int]], depth: int,

@@ -636,15 +636,38 @@ class DirNode:
     level: int
     entries: list[DirEntry] = field(default_factory=list)
     index: list[DirIndex] = field(default_factory=list)
+    #: A leaf's packed entries (``entries[i].raw``), in order, kept beside ``entries`` by the
+    #: callers that derive a new leaf from an old one (an insert or removal copies this list and
+    #: inserts or deletes one item).  Packing then joins byte strings instead of visiting every
+    #: entry object: ~100 entries scattered on the heap cost ~20 µs of cache misses per insert.
+    #: None: derived from ``entries`` when first needed, and again if ``entries`` is replaced by
+    #: another list.  A leaf's lists are never changed in place once it has been packed (nodes
+    #: are shared through the buffer cache): build a new node.
+    raws: list[bytes] | None = field(default=None, repr=False, compare=False)
+    _raws_of: list[DirEntry] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.raws is not None:
+            self._raws_of = self.entries
+
+    def leaf_raws(self) -> list[bytes]:
+        """``[e.raw for e in entries]`` of a leaf, computed once per ``entries`` list."""
+        raws = self.raws
+        if raws is None or self._raws_of is not self.entries or len(raws) != len(self.entries):
+            raws = self.raws = [x.raw for x in self.entries]
+            self._raws_of = self.entries
+        return raws
 
     def used(self) -> int:
         if self.level == 0:
-            return len(self.body())
+            return sum(map(len, self.leaf_raws()))
         return DIR_INDEX_SIZE * len(self.index)
 
     def body(self) -> bytes:
         """The packed entries (or index records), in order."""
-        return b"".join([x.raw for x in (self.entries if self.level == 0 else self.index)])
+        if self.level == 0:
+            return b"".join(self.leaf_raws())
+        return b"".join([x.raw for x in self.index])
 
     def pack_into(self, buf: bytearray, body: bytes | None = None) -> None:
         """Write the node (header must already be initialised); ``body`` if the caller has it already.
@@ -666,18 +689,24 @@ class DirNode:
         if level == 0:
             off, end = DIR_NODE_OFF, DIR_NODE_OFF + used
             prev = -1
+            raws: list[bytes] = []
             for _ in range(count):
                 if off + DIRENT_HDR_SIZE > end:
                     raise Corrupt(f"{where}: entry header overruns used area")
                 key, ino, ftype, nlen = DIRENT_HDR.unpack_from(buf, off)
-                name = bytes(buf[off + DIRENT_HDR_SIZE : off + DIRENT_HDR_SIZE + nlen])
+                raw = bytes(buf[off : off + DIRENT_HDR_SIZE + nlen])
+                name = raw[DIRENT_HDR_SIZE:]
                 if nlen == 0 or off + DIRENT_HDR_SIZE + nlen > end or b"/" in name or b"\0" in name:
                     raise Corrupt(f"{where}: malformed entry at offset {off}")
                 if key <= prev:
                     raise Corrupt(f"{where}: keys out of order at offset {off}")
                 prev = key
-                node.entries.append(DirEntry(key, ino, ftype, name))
+                entry = DirEntry(key, ino, ftype, name)
+                entry.__dict__["raw"] = raw  # the cached_property's value: these very bytes
+                node.entries.append(entry)
+                raws.append(raw)
                 off += DIRENT_HDR_SIZE + nlen
+            node.raws, node._raws_of = raws, node.entries
             if off != end:
                 raise Corrupt(f"{where}: used bytes {used} disagree with {count} entries")
         else:
