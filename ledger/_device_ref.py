@@ -44,6 +44,8 @@ _libc.write.restype = ctypes.c_ssize_t
 _libc.write.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
 _libc.fallocate.restype = ctypes.c_int
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.sync_file_range.restype = ctypes.c_int
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 
 
 def _bytes(arr: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
@@ -121,6 +123,7 @@ INTRINSICS: dict[str, Any] = {
     "c_memcpy": lambda dst, src, n: ctypes.memmove(int(dst), int(src), int(n)),
     "c_sched_yield": _sched_yield,
     "c_fallocate": lambda fd, mode, off, n: _libc.fallocate(int(fd), int(mode), int(off), int(n)),
+    "c_sync_file_range": lambda fd, off, n, fl: _libc.sync_file_range(int(fd), int(off), int(n), int(fl)),
 }
 
 

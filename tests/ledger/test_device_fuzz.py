@@ -262,3 +262,17 @@ def test_kernel_matches_python_twin(s: Scenario) -> None:
     assert np.array_equal(s.shared, t.shared)
     assert np.array_equal(s.diag, t.diag)
     assert np.array_equal(s.ram, t.ram)
+
+
+def test_the_twin_replaces_every_native_call_of_the_kernel() -> None:
+    """Every libc function and intrinsic the kernel module binds has an interpreted stand-in, so the
+    twin can run every path of the kernel (a new one without it would fail only when reached)."""
+    from numba import types as nbtypes
+
+    from ledger import _device_kernel, _native
+    from ledger._device_ref import INTRINSICS
+
+    native = {name for name, obj in vars(_native).items() if isinstance(obj, nbtypes.ExternalFunction)}
+    used = native & set(vars(_device_kernel))
+    assert "c_sync_file_range" in used and "c_pwrite" in used
+    assert used <= set(INTRINSICS), sorted(used - set(INTRINSICS))
