@@ -705,7 +705,10 @@ def handle_request(
                 if ctl[C_WB_HI] <= ctl[C_WB_LO]:
                     ctl[C_WB_LO] = lo
                     ctl[C_WB_HI] = lo + n
-                else:
+                elif lo <= ctl[C_WB_HI] + wb_min and lo + n >= ctl[C_WB_LO] - wb_min:
+                    # Near the range already recorded (a sequential stream): one range.  A distant
+                    # write is left to the host: the span between would take every dirty page in
+                    # the gap (other requests' small, hot blocks) along.
                     ctl[C_WB_LO] = min(ctl[C_WB_LO], lo)
                     ctl[C_WB_HI] = max(ctl[C_WB_HI], lo + n)
             if cached:

@@ -69,7 +69,7 @@ options:
   -o nodirectread (default)  every read through the host page cache
   -o writebehind (default)  once a device worker completed a large write (256 KiB or more), it
                         starts the host's write-back of it: an fsync after a bulk write has little
-                        left to write
+                        left to write (needs a worker thread: none with noiothreads)
   -o nowritebehind      leave the write-back to the host's flusher threads and to fsync
   -o fastwait (default)  take the next FUSE request without a scheduler round trip when one is
                         already queued (see sovfs/_fastloop.py)     -o nofastwait: pyfuse3's own wait

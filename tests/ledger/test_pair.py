@@ -330,9 +330,10 @@ def _settled_counters(led: Ledger, slot: int, want: list[int]) -> list[int]:
 def test_a_worker_starts_the_write_back_of_the_large_writes_it_completed(tmp_path) -> None:
     """Write-behind (file backends, on by default): a device worker that completed writes of
     WRITE_BEHIND_MIN bytes or more starts the host's write-back of them (C_WB_BYTES counts it).
-    The blocking front end sends such writes to a worker queue even when they run alone; small
-    writes and reads stay on the trapped queue, which never does write-behind.  The data is the
-    same either way."""
+    Writes near each other in one pass make one range; a distant one is left to the host.  The
+    blocking front end sends such writes to a worker queue even when they run alone; small writes
+    and reads stay on the trapped queue, which never does write-behind.  The data is the same
+    either way."""
     from ledger import _device_kernel as DK
     from ledger.client import WORKER_WRITE_MIN
 
@@ -351,8 +352,13 @@ def test_a_worker_starts_the_write_back_of_the_large_writes_it_completed(tmp_pat
         want[worker] = MB
         assert _settled_counters(led, DK.C_WB_BYTES, want) == want
         assert _queue_counters(led, DK.C_REQUESTS)[worker] == 1
-        blk.writev([(4096, half), (4096 + MB // 1024, half)])  # two pieces, together large enough
+        blk.writev([(4096, half), (4096 + MB // 1024, half)])  # adjacent pieces: one range
         want[worker] = 2 * MB
+        assert _settled_counters(led, DK.C_WB_BYTES, want) == want
+        # Far apart in one pass: the first is written behind, not the 5 MiB span between them
+        # (it would take every dirty page in the gap along).
+        blk.writev([(6144, half), (15360, half)])
+        want[worker] = 2 * MB + MB // 2
         assert _settled_counters(led, DK.C_WB_BYTES, want) == want
         before = _queue_counters(led, DK.C_REQUESTS)
         blk.write(8, small)
@@ -365,6 +371,7 @@ def test_a_worker_starts_the_write_back_of_the_large_writes_it_completed(tmp_pat
     raw = img.read_bytes()
     assert raw[2048 * 512 : 2048 * 512 + MB] == big
     assert raw[4096 * 512 : 4096 * 512 + MB] == half + half
+    assert raw[6144 * 512 : 6144 * 512 + MB // 2] == half == raw[15360 * 512 : 15360 * 512 + MB // 2]
     assert raw[8 * 512 : 8 * 512 + 4096] == small
     pair = {"num_queues": 2, "device_queues": 2, "notify": ("trap", "eventfd")}
     with Ledger.open(img, write_behind=False, **pair) as led:
