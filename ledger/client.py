@@ -845,9 +845,9 @@ class TrioBlk:
                 # the trapped queue moves its own.
                 alone = self._alone()
                 self._alone_run = self._alone_run + 1 if alone else 0
-                trap = n == 1 and self._alone_run >= ALONE_RUN_TO_TRAP
-                e.flush(True if trap else (None if self._alone_run >= ALONE_RUN_TO_TRAP else False))
-                if trap and e.trapped:
+                serial = self._alone_run >= ALONE_RUN_TO_TRAP
+                e.flush((n == 1 or None) if serial else False)
+                if serial and n == 1:
                     # Served during the notify: the completion is in a trapped queue's used ring.
                     for q in e.trapped:
                         if q.inflight:
