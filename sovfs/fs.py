@@ -821,6 +821,44 @@ class FileSystem:
         if mask & 7 & ~bits:
             raise PermissionDenied(f"access {mask:#o} denied on inode {ino}", errno=errno.EACCES)
 
+    # The two checks below, with :meth:`access`, are the POSIX rules a kernel applies with FUSE's
+    # default_permissions.  The FUSE adapter applies them itself when the kernel does not (see
+    # SovOps.check_permissions); root (uid 0) passes them all, as it would with CAP_FOWNER/CAP_CHOWN.
+
+    def may_remove(self, parent: int, name: bytes, uid: int, gids: set[int] | frozenset[int]) -> None:
+        """May ``uid`` remove (unlink, rmdir, rename away or over) ``name`` in ``parent``?
+
+        Write and search permission on the directory; in a sticky directory (S_ISVTX, like /tmp) also
+        ownership of the directory or of the entry (EPERM).  An absent name passes: the operation
+        itself reports ENOENT."""
+        self.access(parent, 3, uid, gids)
+        if uid == 0:
+            return
+        d = self._dir(parent).inode
+        if d.mode & 0o1000 and d.uid != uid:
+            e = self.dirs.lookup(self._dir(parent), name) if 0 < len(name) <= MAX_NAME_LEN else None
+            if e is not None and self._rec(e.ino).inode.uid != uid:
+                raise PermissionDenied(f"{name!r}: sticky directory {parent}, not the owner")
+
+    def may_setattr(
+        self, ino: int, uid: int, gids: set[int] | frozenset[int], *, mode: bool = False,
+        owner: int | None = None, group: int | None = None, size: bool = False, times: bool = False,
+    ) -> None:
+        """May ``uid`` change these attributes of ``ino``?  chmod: the owner (EPERM); chown to another
+        owner: root only; chgrp: the owner, to one of its groups; truncate: write permission; times:
+        the owner or a writer (the "set to now" case: FUSE does not say which was asked)."""
+        if uid == 0:
+            return
+        i = self._rec(ino).inode
+        if (mode or group is not None or owner is not None) and i.uid != uid:
+            raise PermissionDenied(f"inode {ino}: not the owner")
+        if owner is not None and owner != i.uid:
+            raise PermissionDenied(f"inode {ino}: only root changes the owner")
+        if group is not None and group != i.gid and group not in gids:
+            raise PermissionDenied(f"inode {ino}: not a member of group {group}")
+        if size or (times and i.uid != uid):
+            self.access(ino, 2, uid, gids)
+
     def _is_ancestor(self, anc: int, ino: int) -> bool:
         """True if directory ``anc`` is ``ino`` or one of its ancestors (walks ``parent`` links)."""
         seen = 0

@@ -58,6 +58,13 @@ class Handle:
     flags: int
 
 
+def _open_mask(flags: int) -> int:
+    """The access(2) mask an open with ``flags`` needs: R and/or W by the access mode, W for O_TRUNC."""
+    acc = flags & os.O_ACCMODE
+    mask = os.R_OK if acc == os.O_RDONLY else os.W_OK if acc == os.O_WRONLY else os.R_OK | os.W_OK
+    return mask | (os.W_OK if flags & os.O_TRUNC else 0)
+
+
 def _guard(func: F) -> F:
     """Answer every failure with a FUSEError; never let another exception reach pyfuse3."""
 
@@ -87,13 +94,15 @@ class SovOps(pyfuse3.Operations):
         entry_timeout, attr_timeout: kernel cache lifetimes in seconds.
         atime: ``relatime`` (default), ``noatime`` or ``strictatime``.
         writeback_cache: request the kernel's writeback cache (FUSE_CAP_WRITEBACK_CACHE).
+        check_permissions: apply the POSIX permission rules here, for a mount without the kernel's
+            ``default_permissions`` (see :meth:`_caller`).
     """
 
     supports_dot_lookup = True
 
     def __init__(
         self, fs: FileSystem, *, entry_timeout: float = 5.0, attr_timeout: float = 5.0,
-        atime: str = "relatime", writeback_cache: bool = False,
+        atime: str = "relatime", writeback_cache: bool = False, check_permissions: bool = False,
     ) -> None:
         super().__init__()
         self.fs = fs
@@ -101,6 +110,7 @@ class SovOps(pyfuse3.Operations):
         self.attr_timeout = attr_timeout
         self.atime = atime
         self.enable_writeback_cache = writeback_cache
+        self.check_permissions = check_permissions
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._logged: set[str] = set()
@@ -140,6 +150,34 @@ class SovOps(pyfuse3.Operations):
         self.fs.ref(a.ino)
         return self._entry(a)
 
+    def _caller(self, ctx: pyfuse3.RequestContext) -> tuple[int, set[int]] | None:
+        """``(uid, groups)`` of a request whose permissions this handler must check, or None.
+
+        None when the kernel checks them (``default_permissions``) and for root, which passes every
+        check (it has CAP_DAC_OVERRIDE and CAP_FOWNER; the kernel itself still refuses to execute a
+        file without an x bit).  Without ``default_permissions`` the kernel leaves all checks to the
+        filesystem except access(2) (ACCESS) and exec; mount.sovfs drops it only when root mounts
+        without allow_other, so only root's processes reach the mount and this is one comparison - a
+        process that set its fsuid to another user (setfsuid) is checked here as that user.  The
+        supplementary groups come from /proc (slow, but only for such callers).
+        """
+        if not self.check_permissions or ctx.uid == 0:
+            return None
+        gids = {ctx.gid}
+        with contextlib.suppress(OSError, ValueError):
+            gids |= pyfuse3.get_sup_groups(ctx.pid)
+        return ctx.uid, gids
+
+    def _may(self, ctx: pyfuse3.RequestContext, ino: int, mask: int) -> None:
+        c = self._caller(ctx)
+        if c is not None:
+            self.fs.access(ino, mask, *c)
+
+    def _may_remove(self, ctx: pyfuse3.RequestContext, parent: int, name: bytes) -> None:
+        c = self._caller(ctx)
+        if c is not None:
+            self.fs.may_remove(parent, name, *c)
+
     def _new_fh(self, ino: int, flags: int) -> int:
         fh = self._next_fh
         self._next_fh += 1
@@ -159,6 +197,7 @@ class SovOps(pyfuse3.Operations):
     # ------------------------------------------------------------------------ lookups
     @_guard
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> Any:
+        self._may(ctx, parent_inode, os.X_OK)
         return self._ref(self.fs.lookup(parent_inode, name))
 
     @_guard
@@ -176,6 +215,15 @@ class SovOps(pyfuse3.Operations):
         self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None,
         ctx: pyfuse3.RequestContext,
     ) -> Any:
+        c = self._caller(ctx)
+        if c is not None:
+            self.fs.may_setattr(
+                inode, *c, mode=fields.update_mode,
+                owner=attr.st_uid if fields.update_uid else None,
+                group=attr.st_gid if fields.update_gid else None,
+                size=fields.update_size and fh is None,  # ftruncate: checked when the file was opened
+                times=fields.update_atime or fields.update_mtime or fields.update_ctime,
+            )
         kw: dict[str, int] = {}
         if fields.update_mode:
             kw["mode"] = attr.st_mode
@@ -199,11 +247,9 @@ class SovOps(pyfuse3.Operations):
 
     @_guard
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
-        gids = {ctx.gid}
-        if ctx.uid != 0:
-            with contextlib.suppress(OSError, ValueError):
-                gids |= pyfuse3.get_sup_groups(ctx.pid)
-        self.fs.access(inode, mode, ctx.uid, gids)
+        # Sent only without default_permissions; answered for root too (X needs an x bit).
+        c = self._caller(ctx)
+        self.fs.access(inode, mode, *(c or (ctx.uid, {ctx.gid})))
         return True
 
     @_guard
@@ -223,30 +269,36 @@ class SovOps(pyfuse3.Operations):
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> Any:
+        self._may(ctx, parent_inode, os.W_OK | os.X_OK)
         return self._ref(self.fs.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid))
 
     @_guard
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> Any:
+        self._may(ctx, parent_inode, os.W_OK | os.X_OK)
         return self._ref(self.fs.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
 
     @_guard
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> Any:
+        self._may(ctx, parent_inode, os.W_OK | os.X_OK)
         return self._ref(self.fs.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
 
     @_guard
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> Any:
+        self._may(ctx, new_parent_inode, os.W_OK | os.X_OK)
         return self._ref(self.fs.link(inode, new_parent_inode, new_name))
 
     @_guard
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._may_remove(ctx, parent_inode, name)
         self.fs.unlink(parent_inode, name)
 
     @_guard
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._may_remove(ctx, parent_inode, name)
         self.fs.rmdir(parent_inode, name)
 
     @_guard
@@ -254,12 +306,20 @@ class SovOps(pyfuse3.Operations):
         self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes, flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> None:
+        c = self._caller(ctx)
+        if c is not None:
+            self.fs.may_remove(parent_inode_old, name_old, *c)
+            self.fs.may_remove(parent_inode_new, name_new, *c)
+            moved = self.fs.lookup(parent_inode_old, name_old)
+            if parent_inode_new != parent_inode_old and moved.mode & 0o170000 == 0o040000:
+                self.fs.access(moved.ino, os.W_OK, *c)  # its ".." changes
         self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
 
     # ------------------------------------------------------------------------ directories
     @_guard
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         self.fs.getattr(inode)
+        self._may(ctx, inode, os.R_OK)
         return self._new_fh(inode, os.O_RDONLY | os.O_DIRECTORY)
 
     @_guard
@@ -292,6 +352,7 @@ class SovOps(pyfuse3.Operations):
     @_guard
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> Any:
         a = self.fs.getattr(inode)
+        self._may(ctx, inode, _open_mask(flags))
         if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY and a.size:
             self.fs.setattr(inode, size=0)
         return self._file_info(self._new_fh(inode, flags))
@@ -300,12 +361,14 @@ class SovOps(pyfuse3.Operations):
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> Any:
+        self._may(ctx, parent_inode, os.W_OK | os.X_OK)
         try:
             a = self.fs.create(parent_inode, name, mode, ctx.uid, ctx.gid)
         except Exists:
             if flags & os.O_EXCL:
                 raise
             a = self.fs.lookup(parent_inode, name)  # lost a race with another creator: open it
+            self._may(ctx, a.ino, _open_mask(flags))
             if a.mode & 0o170000 == 0o040000:
                 raise pyfuse3.FUSEError(errno.EISDIR) from None
             if flags & os.O_TRUNC and a.size:
@@ -349,6 +412,7 @@ class SovOps(pyfuse3.Operations):
     # ------------------------------------------------------------------------ xattrs
     @_guard
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        self._may_xattr(ctx, inode, name, os.R_OK)
         return self.fs.getxattr(inode, name)
 
     @_guard
@@ -357,6 +421,7 @@ class SovOps(pyfuse3.Operations):
             # The kernel only enforces POSIX ACLs with FUSE_POSIX_ACL, which this mount does not request;
             # storing one would make it lie (cp -a would then skip its chmod). Tools fall back to modes.
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        self._may_xattr(ctx, inode, name, os.W_OK)
         self.fs.setxattr(inode, name, value)
 
     @_guard
@@ -365,7 +430,14 @@ class SovOps(pyfuse3.Operations):
 
     @_guard
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._may_xattr(ctx, inode, name, os.W_OK)
         self.fs.removexattr(inode, name)
+
+    def _may_xattr(self, ctx: pyfuse3.RequestContext, inode: int, name: bytes, mask: int) -> None:
+        """user.* xattrs follow the file's permission bits.  The other namespaces are the VFS's to
+        guard (trusted.* wants CAP_SYS_ADMIN, security.* the security modules) whatever the FS does."""
+        if name.startswith(b"user."):
+            self._may(ctx, inode, mask)
 
     # ------------------------------------------------------------------------ teardown
     def release_all(self) -> None:
