@@ -77,6 +77,10 @@ options:
                         starts the host's write-back of it: an fsync after a bulk write has little
                         left to write (needs a worker thread: none with noiothreads)
   -o nowritebehind      leave the write-back to the host's flusher threads and to fsync
+  -o fetchahead (default)  while a sequential O_DIRECT read travels back to the reader, the daemon
+                        already reads the next 2 MiB of the file from the image (chunks of 1 MiB,
+                        dropped if the file changes; page-cache reads have the kernel's read-ahead)
+  -o nofetchahead       O_DIRECT reads only read what they ask for
   -o fastwait (default)  take the next FUSE request without a scheduler round trip when one is
                         already queued (see sovfs/_fastloop.py)     -o nofastwait: pyfuse3's own wait
   -o reqspin=US         with fastwait: poll /dev/fuse this long for the next request before sleeping,
@@ -126,6 +130,7 @@ class MountOptions:
     lone_trap: bool = True  # iothreads: a trapped queue for lone requests (iothreads=all: False)
     direct_reads: bool = False
     write_behind: bool = True
+    fetch_ahead: bool = True
     fastwait: bool = True
     reqspin_us: int = 50
     readahead_kib: int = 1024
@@ -201,6 +206,8 @@ def _apply(o: MountOptions, opt: str) -> None:
         o.direct_reads = name == "directread"
     elif name in ("writebehind", "nowritebehind"):
         o.write_behind = name == "writebehind"
+    elif name in ("fetchahead", "nofetchahead"):
+        o.fetch_ahead = name == "fetchahead"
     elif name in ("fastwait", "nofastwait"):
         o.fastwait = name == "fastwait"
     elif name in ("relatime", "noatime", "strictatime"):
@@ -487,8 +494,19 @@ class _Daemon:
                 with fast as queued:
                     # queued(): FUSE requests are waiting - the ledger then spins for a completion
                     # only while spinning pays (it would hold those requests up)
-                    async with serving(queued) if serving is not None else contextlib.nullcontext():
-                        await pyfuse3.main(max_tasks=o.max_tasks)
+                    # The background nursery (fetch-ahead) inside serving: a fetch still in flight at
+                    # unmount waits out its device request (uninterruptible) while the reapers run.
+                    async with (
+                        serving(queued) if serving is not None else contextlib.nullcontext(),
+                        trio.open_nursery() as background,
+                    ):
+                        if o.fetch_ahead:
+                            ops.fs.background = background.start_soon
+                        try:
+                            await pyfuse3.main(max_tasks=o.max_tasks)
+                        finally:
+                            ops.fs.background = None
+                            background.cancel_scope.cancel()
             finally:
                 nursery.cancel_scope.cancel()
 

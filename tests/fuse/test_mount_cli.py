@@ -34,6 +34,8 @@ def test_parse_args_mount8_convention() -> None:
     assert parse_args(["a", "b"]).write_behind
     assert not parse_args(["a", "b", "-o", "nowritebehind"]).write_behind
     assert parse_args(["a", "b", "-o", "nowritebehind,writebehind"]).write_behind
+    assert parse_args(["a", "b"]).fetch_ahead
+    assert not parse_args(["a", "b", "-o", "nofetchahead"]).fetch_ahead
     assert parse_args(["a", "b"]).fastwait
     assert not parse_args(["a", "b", "-o", "nofastwait"]).fastwait
     assert parse_args(["a", "b"]).reqspin_us == 50

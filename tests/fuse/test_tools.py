@@ -189,6 +189,18 @@ def test_readahead_window_and_sequential_reads(image: Path, mnt_factory: object)
         out = bytearray()
         while n := os.readv(fd, [buf]):
             out += buf[:n]
+        # Fetch-ahead: the first read starts fetching the next 2 MiB; a write that lands in that
+        # range meanwhile must show in the next read, and the unmount waits out any fetch in flight.
+        os.lseek(fd, 0, os.SEEK_SET)
+        assert os.readv(fd, [buf]) == 1 << 20
+        time.sleep(0.3)  # the fetched chunks are in, not in flight, when the write comes
+        with open(f, "r+b") as w:
+            w.seek((1 << 20) + 4096)
+            w.write(b"N" * 4096)
+        assert os.readv(fd, [buf]) == 1 << 20
+        assert buf[:] == data[1 << 20 : (1 << 20) + 4096] + b"N" * 4096 + data[(1 << 20) + 8192 : 2 << 20]
+        os.lseek(fd, 3 << 20, os.SEEK_SET)
+        os.readv(fd, [buf])
     finally:
         os.close(fd)
     assert bytes(out) == data

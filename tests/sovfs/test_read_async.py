@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import random
 
+import pytest
 import trio
 import trio.testing
 
@@ -198,4 +199,147 @@ async def test_readahead_fill_racing_a_write_is_not_kept() -> None:
             dev.gate.set()
         assert not fs._ra  # dropped, not stored
         assert await fs.read_async(a, 65536, 65536, readahead=True) == b"N" * 65536
+    fs.close()
+
+
+class RecordingGate(RamLedgerDevice):
+    """Parks every async read at a gate and records the ranges asked for."""
+
+    gate: trio.Event
+    asked: list[tuple[int, int]]
+
+    async def preadv_async(self, requests):  # type: ignore[no-untyped-def]
+        self.asked.extend(requests)
+        await self.gate.wait()
+        return await super().preadv_async(requests)
+
+
+def _gated_fs(size: int) -> tuple[RecordingGate, object, int, bytes]:
+    from sovfs.fs import FileSystem
+    from sovfs.mkfs_core import MkfsParams, make_filesystem
+
+    dev = RecordingGate(64 << 20)
+    make_filesystem(dev, MkfsParams())
+    fs = FileSystem.mount(dev)
+    ino = fs.create(ROOT_INO, b"f").ino
+    data = random.Random(3).randbytes(size)
+    fs.write(ino, 0, data)
+    dev.gate, dev.asked = trio.Event(), []
+    return dev, fs, ino, data
+
+
+async def test_fetch_ahead_reads_the_next_chunks_while_a_sequential_read_is_in_flight() -> None:
+    """O_DIRECT-style 1 MiB reads (no page-cache fill): the first read's own device request and the
+    fetches of the next FETCH_AHEAD bytes are all in flight together; later reads are served from
+    the fetched chunks and keep the fetches going, and the bytes are the file's."""
+    from sovfs.fs import FETCH_AHEAD, READAHEAD_CHUNK
+
+    dev, fs, ino, data = _gated_fs(5 * READAHEAD_CHUNK + 4321)
+    async with dev.serving(), trio.open_nursery() as n:
+        fs.background = n.start_soon  # type: ignore[attr-defined]
+        got: list[bytes] = []
+
+        async def first() -> None:
+            got.append(bytes(await fs.read_async(ino, 0, READAHEAD_CHUNK)))  # type: ignore[attr-defined]
+
+        n.start_soon(first)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(dev.asked) == 1 + FETCH_AHEAD // READAHEAD_CHUNK  # the read and the chunks after it
+        dev.gate.set()
+        await trio.testing.wait_all_tasks_blocked()
+        asked = len(dev.asked)
+        off = READAHEAD_CHUNK
+        while off < len(data) + READAHEAD_CHUNK:
+            got.append(bytes(await fs.read_async(ino, off, READAHEAD_CHUNK)))  # type: ignore[attr-defined]
+            off += READAHEAD_CHUNK
+        await trio.testing.wait_all_tasks_blocked()
+        assert b"".join(got) == data
+        # Each device request was one whole chunk, never a range read twice.
+        ranges = dev.asked[1:]
+        assert len(ranges) == len(set(ranges)) == 5 and asked == 3
+        # A second pass from the start, with the last pass's chunks still held: the same again (the
+        # chunks it passed make room for the new ones, not the other way round).
+        dev.asked.clear()
+        off, again = 0, []
+        while off < len(data):
+            again.append(bytes(await fs.read_async(ino, off, READAHEAD_CHUNK)))  # type: ignore[attr-defined]
+            off += READAHEAD_CHUNK
+        await trio.testing.wait_all_tasks_blocked()
+        assert b"".join(again) == data
+        assert len(dev.asked) == len(set(dev.asked)) <= 6  # the first read, and each chunk after it once
+        fs.background = None  # type: ignore[attr-defined]
+    fs.close()  # type: ignore[attr-defined]
+
+
+async def test_fetched_chunks_never_hide_a_later_write_and_random_reads_fetch_nothing() -> None:
+    from sovfs.fs import READAHEAD_CHUNK
+
+    dev, fs, ino, data = _gated_fs(4 * READAHEAD_CHUNK)
+    dev.gate.set()
+    async with dev.serving(), trio.open_nursery() as n:
+        fs.background = n.start_soon  # type: ignore[attr-defined]
+        assert bytes(await fs.read_async(ino, 0, 65536)) == data[:65536]  # type: ignore[attr-defined]
+        await trio.testing.wait_all_tasks_blocked()  # [64 KiB, 2 MiB + 64 KiB) fetched
+        fs.write(ino, 65536 + 4096, b"W" * 4096)  # type: ignore[attr-defined]
+        got = bytes(await fs.read_async(ino, 65536, 65536))  # type: ignore[attr-defined]
+        assert got == data[65536 : 65536 + 4096] + b"W" * 4096 + data[65536 + 8192 : 131072]
+        await trio.testing.wait_all_tasks_blocked()  # (it went on fetching ahead)
+        fs._ra.clear()  # type: ignore[attr-defined]
+        dev.asked.clear()
+        for off in (3 << 20, 12288, 1 << 20, 777 * 4096):  # no read continues the one before it
+            assert bytes(await fs.read_async(ino, off, 4096)) == data[off : off + 4096]  # type: ignore[attr-defined]
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(dev.asked) == 4  # the reads themselves, nothing fetched ahead
+        fs.background = None  # type: ignore[attr-defined]
+    fs.close()  # type: ignore[attr-defined]
+
+
+async def test_a_failed_fetch_drops_its_chunk_and_the_read_reports_the_error_itself() -> None:
+    from sovfs.fs import READAHEAD_CHUNK
+
+    class FailingAfter(RamLedgerDevice):
+        limit = 1 << 62
+
+        async def preadv_async(self, requests):  # type: ignore[no-untyped-def]
+            if any(off + n > self.limit for off, n in requests):
+                raise OSError(5, "injected media error")
+            return await super().preadv_async(requests)
+
+    from sovfs.fs import FileSystem
+    from sovfs.mkfs_core import MkfsParams, make_filesystem
+
+    dev = FailingAfter(64 << 20)
+    make_filesystem(dev, MkfsParams())
+    fs = FileSystem.mount(dev)
+    ino = fs.create(ROOT_INO, b"f").ino
+    fs.write(ino, 0, b"x" * (3 * READAHEAD_CHUNK))
+    first = fs.read_plan(ino, 0, READAHEAD_CHUNK).requests[0][0]
+    dev.limit = first + READAHEAD_CHUNK  # the file's first chunk reads; the rest fails
+    async with dev.serving(), trio.open_nursery() as n:
+        fs.background = n.start_soon
+        assert bytes(await fs.read_async(ino, 0, READAHEAD_CHUNK)) == b"x" * READAHEAD_CHUNK
+        await trio.testing.wait_all_tasks_blocked()  # the fetches failed: the nursery lives on
+        assert not fs._ra
+        with pytest.raises(OSError, match="injected media error"):
+            await fs.read_async(ino, READAHEAD_CHUNK, READAHEAD_CHUNK)
+        fs.background = None
+    fs.close()
+
+
+async def test_page_cache_reads_fetch_nothing_ahead_of_the_kernel() -> None:
+    """The kernel's own read-ahead keeps page-cache reads in flight: with a background runner, they
+    still cost one device read per chunk, and nothing beyond what they read."""
+    from sovfs.fs import READAHEAD_CHUNK
+
+    dev, fs = fresh()
+    ino = fs.create(ROOT_INO, b"f").ino
+    data = random.Random(2).randbytes(3 * READAHEAD_CHUNK)
+    fs.write(ino, 0, data)
+    async with dev.serving(), trio.open_nursery() as n:
+        fs.background = n.start_soon
+        calls = _count_async_reads(dev)
+        assert await _seq(fs, ino, 0, 2 * READAHEAD_CHUNK) == data[: 2 * READAHEAD_CHUNK]
+        await trio.testing.wait_all_tasks_blocked()
+        assert calls[0] == 2
+        fs.background = None
     fs.close()
