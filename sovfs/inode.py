@@ -24,6 +24,7 @@ import operator
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from sovfs.alloc import BitmapAllocator
 from sovfs.blockdev import Buffer
@@ -100,6 +101,10 @@ class InodeRec:
     extents: list[Extent] = field(default_factory=list)
     tree_blocks: list[int] = field(default_factory=list)
     map_dirty: bool = False
+    #: The FileSystem's attributes of this inode, as last reported (an ``Attr``); None once the inode
+    #: may have changed.  Every change to an inode ends in :meth:`InodeStore.put` (it must, to reach
+    #: the disk), which clears it.
+    attr: Any = None
 
 
 class InodeStore:
@@ -116,6 +121,9 @@ class InodeStore:
         self.inodes = inodes
         self.per_block = self.bs // INODE_SIZE
         self._recs: dict[int, InodeRec] = {}
+        #: The record of an inode if it is loaded, else None (no load, no checks: hot paths that
+        #: only want a cached value, e.g. ``InodeRec.attr``).
+        self.loaded = self._recs.get
         #: inodes put by the current operation, packed into their slots when it ends (``put``); empty
         #: outside an operation
         self._pending: dict[int, InodeRec] = {}
@@ -172,6 +180,7 @@ class InodeStore:
         would have produced.  Nothing reads an inode slot of a loaded record inside an operation (the
         record is the authority while it is in ``_recs``).
         """
+        rec.attr = None
         if rec.map_dirty:
             tx.before_commit(lambda: self._flush_map(tx, rec))
         self._write_slot(tx, rec)

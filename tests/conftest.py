@@ -6,6 +6,10 @@ import os
 
 from hypothesis import HealthCheck, settings
 
+# Every cached inode Attr is checked against the inode it came from, in process and in the mount
+# daemons the tests start (they inherit the environment): a change that skipped InodeStore.put fails.
+os.environ["SOVFS_CHECK_ATTR_CACHE"] = "1"
+
 settings.register_profile(
     "ci",
     derandomize=True,

@@ -160,3 +160,31 @@ async def test_readdirplus_counts_only_entries_the_kernel_got(
     assert await fuse_errno(ops.readdir(fh, 0, None)) == errno.EIO
     assert ops.fs._lookups == before  # the failed reply reached no one: no lookups counted
     await ops.releasedir(fh)
+
+
+async def test_replies_are_reused_while_the_inode_is_unchanged_and_rebuilt_after_any_change(
+    ops: SovOps,
+) -> None:
+    fs = ops.fs
+    fi, entry = await ops.create(R, b"f", 0o644, os.O_WRONLY | os.O_CREAT, Ctx())
+    ino = entry.st_ino
+    a = fs.getattr(ino)
+    assert fs.getattr(ino) is a and await ops.getattr(ino, Ctx()) is await ops.getattr(ino, Ctx())
+    assert next(x for n, x, _ in fs.readdir_plus(R) if n == b"f") is a  # readdirplus: the same object
+    before = await ops.getattr(ino, Ctx())
+    changes = [
+        lambda: ops.write(fi.fh, 0, b"data"),  # size, blocks, mtime
+        lambda: ops.link(ino, R, b"g", Ctx()),  # nlink, ctime
+        lambda: ops.unlink(R, b"g", Ctx()),
+        lambda: ops.rename(R, b"f", R, b"h", 0, Ctx()),  # ctime
+    ]
+    for change in changes:
+        await change()
+        after = await ops.getattr(ino, Ctx())
+        assert after is not before
+        assert after.st_size == fs.getattr(ino).size and after.st_nlink == fs.getattr(ino).nlink
+        assert after.st_ctime_ns == fs.getattr(ino).ctime_ns
+        before = after
+    fs.setattr(ino, mode=0o600)
+    assert (await ops.getattr(ino, Ctx())).st_mode & 0o777 == 0o600
+    await ops.release(fi.fh)
