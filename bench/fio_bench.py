@@ -2,9 +2,16 @@
 
 Targets, each set up in a temp dir on the host disk (/var/tmp by default):
 
-* **sovfs**   — ``mkfs.sovfs -s IMG_SIZE img`` + ``mount.sovfs img mnt`` (this checkout's code);
+* **sovfs**   — ``mkfs.sovfs -s IMG_SIZE img`` + ``mount.sovfs img mnt -o nodefault_permissions``
+  (this checkout's code; see below);
 * **fuse2fs** — ``mkfs.ext4 -F -q img`` (same image size) + ``fuse2fs img mnt -o fakeroot -f``
   (fuse2fs's default caching; ``-f`` only keeps it in the foreground so we know its pid);
+
+Permission checks are configured alike: fuse2fs mounts without the kernel's ``default_permissions``
+(and with ``fakeroot`` checks nothing itself), so SovFS is mounted without it too
+(:data:`SOVFS_OPTIONS`; its daemon still applies the POSIX rules to non-root callers).  Mount.sovfs's
+own default keeps the kernel's checks, which cost a GETATTR of the parent before each create and
+unlink; ``--sovfs-options ''`` measures that.
 * **host**    — a plain directory on the same disk (the limit on this machine).
 
 Jobs are defined once (:func:`build_jobs`) and turned into the same fio command line for every
@@ -62,6 +69,8 @@ TARGETS = ("sovfs", "fuse2fs", "host")
 DATAFILE = "bench.dat"
 META_FILE_BYTES = 4096
 FUSE2FS_OPTS = ("-o", "fakeroot")
+#: mount.sovfs -o options of the sovfs target: the permission setup fuse2fs runs with (module docstring)
+SOVFS_OPTIONS = "nodefault_permissions"
 
 # --------------------------------------------------------------------------------------------------
 # The job table
@@ -1190,7 +1199,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"), help="markdown file to update")
     ap.add_argument("--plots", default=None, help="PNG directory (default: bench/ next to --out)")
     ap.add_argument("--dir", default="/var/tmp", help="where targets live (the host disk)")
-    ap.add_argument("--sovfs-options", default="", help="extra mount.sovfs -o options (default: none)")
+    ap.add_argument(
+        "--sovfs-options", default=SOVFS_OPTIONS,
+        help=f"mount.sovfs -o options of the sovfs target (default: {SOVFS_OPTIONS}; '' for none)",
+    )
     ap.add_argument("--jobs", default=None, help="only these jobs (comma list of names; for development)")
     ap.add_argument(
         "--profile", default=None, help="py-spy record the SovFS daemon (rep 1 of each job) into DIR"

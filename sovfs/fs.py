@@ -27,9 +27,9 @@ holds the xattr and path helpers, which are thin.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -169,6 +169,8 @@ def check_xattr_name(name: bytes) -> None:
         raise NotSupported(f"xattr namespace of {name!r} not supported")
 
 
+log = logging.getLogger("sovfs.fs")
+
 #: Verify every cached ``Attr`` against the inode (FileSystem._attr); the test suite sets it.
 _CHECK_ATTR_CACHE = os.environ.get("SOVFS_CHECK_ATTR_CACHE") == "1"
 
@@ -218,6 +220,7 @@ class FileSystem:
         self._committed_orphan_head = sb.orphan_head
         self._data_writes = 0  # file data writes issued (ordered data) ...
         self._ra: dict[int, list[_ReadAhead]] = {}  # ino -> its read-ahead chunks, in file order
+        self._fetch_errors: set[str] = set()  # fetch-ahead failures already logged
         #: Runs a coroutine function as a background task (a trio nursery's ``start_soon``), for
         #: fetching ahead of sequential reads; None (the default): no background fetches.  Set by the
         #: FUSE adapter's owner; the tasks end with the nursery.
@@ -870,24 +873,55 @@ class FileSystem:
             if e is not None and self._rec(e.ino).inode.uid != uid:
                 raise PermissionDenied(f"{name!r}: sticky directory {parent}, not the owner")
 
-    def may_setattr(
-        self, ino: int, uid: int, gids: set[int] | frozenset[int], *, mode: bool = False,
+    def check_setattr(
+        self, ino: int, uid: int, gids: set[int] | frozenset[int], *, mode: int | None = None,
         owner: int | None = None, group: int | None = None, size: bool = False, times: bool = False,
-    ) -> None:
-        """May ``uid`` change these attributes of ``ino``?  chmod: the owner (EPERM); chown to another
-        owner: root only; chgrp: the owner, to one of its groups; truncate: write permission; times:
-        the owner or a writer (the "set to now" case: FUSE does not say which was asked)."""
+    ) -> int | None:
+        """May ``uid`` change these attributes of ``ino``?  Returns the mode to store (``mode``, or
+        ``mode`` without S_ISGID when the caller is not in the file's group, as chmod(2) does).
+
+        chmod: the owner (EPERM) - or anyone, when it only clears S_ISUID/S_ISGID (the kernel's request
+        after a write by someone else); chown to another owner: root only; chgrp: the owner, to one of
+        its groups; truncate: write permission; times: the owner or a writer (FUSE does not say whether
+        they were set to "now", which a writer may do, or to given values, which only the owner may).
+        """
         if uid == 0:
-            return
+            return mode
         i = self._rec(ino).inode
-        if (mode or group is not None or owner is not None) and i.uid != uid:
+        owns = i.uid == uid
+        if mode is not None and not owns:
+            old = i.mode & 0o7777
+            if not (mode & 0o7777 == old & ~0o6000 != old):
+                raise PermissionDenied(f"inode {ino}: not the owner")
+        if (group is not None or owner is not None) and not owns:
             raise PermissionDenied(f"inode {ino}: not the owner")
         if owner is not None and owner != i.uid:
             raise PermissionDenied(f"inode {ino}: only root changes the owner")
         if group is not None and group != i.gid and group not in gids:
             raise PermissionDenied(f"inode {ino}: not a member of group {group}")
-        if size or (times and i.uid != uid):
+        if size or (times and not owns):
             self.access(ino, 2, uid, gids)
+        file_gid = group if group is not None else i.gid
+        if mode is not None and owns and mode & 0o2000 and file_gid not in gids:
+            mode &= ~0o2000
+        return mode
+
+    def may_link(self, ino: int, uid: int, gids: set[int] | frozenset[int]) -> None:
+        """May ``uid`` make a hard link to ``ino``?  Linux's protected_hardlinks rule: the owner, or a
+        regular file that is not set-user-ID nor set-group-ID-and-group-executable and that the
+        caller may read and write (EPERM)."""
+        if uid == 0:
+            return
+        i = self._rec(ino).inode
+        if i.uid == uid:
+            return
+        risky = i.mode & 0o4000 or (i.mode & 0o2010) == 0o2010
+        if i.fmt != S_IFREG or risky:
+            raise PermissionDenied(f"inode {ino}: hard link to a file of another owner")
+        try:
+            self.access(ino, 6, uid, gids)
+        except PermissionDenied:
+            raise PermissionDenied(f"inode {ino}: hard link to a file of another owner") from None
 
     def _is_ancestor(self, anc: int, ino: int) -> bool:
         """True if directory ``anc`` is ``ino`` or one of its ancestors (walks ``parent`` links)."""
@@ -1001,7 +1035,7 @@ class FileSystem:
         if cookie < 2:
             yield b"..", self._attr(self._rec(d.inode.parent or ROOT_INO)), 2
         attr, rec_of, prefetch, loaded = self._attr, self._rec, self.inodes.prefetch, self.inodes.loaded
-        check = _CHECK_ATTR_CACHE
+        fresh, check = self._fresh_attr, _CHECK_ATTR_CACHE
         for ents in self.dirs.leaves(d, max(cookie, 3)):
             prefetch([e.ino for e in ents])
             for e in ents:
@@ -1010,8 +1044,12 @@ class FileSystem:
                 # this loop is memory-bound in the daemon (~1 µs per entry in a warm loop, ~5 in
                 # the daemon between kernel round trips).
                 rec = loaded(e.ino)
-                a = None if rec is None or check else rec.attr
-                yield e.name, a if a is not None else attr(rec_of(e.ino)), e.key + 1
+                a = None if rec is None else rec.attr
+                if rec is None or a is None:
+                    a = attr(rec_of(e.ino))
+                elif check and (rec.inode.mode == 0 or a != fresh(rec)):
+                    raise AssertionError(f"inode {e.ino}: cached attributes {a} are stale")
+                yield e.name, a, e.key + 1
 
     # ------------------------------------------------------------------------ data
     def read(self, ino: int, offset: int, size: int) -> bytes:
@@ -1147,8 +1185,15 @@ class FileSystem:
             at = chunk.stop
 
     async def _fetch_chunk(self, ino: int, chunk: _ReadAhead, plan: ReadPlan) -> None:
-        with contextlib.suppress(Exception):  # a failed fetch is only a dropped chunk: the read
-            await self._fill_chunk(ino, chunk, plan)  # of that range will meet the error itself
+        # A failed fetch is only a dropped chunk: the read of that range meets the error itself.
+        try:
+            await self._fill_chunk(ino, chunk, plan)
+        except Exception as e:
+            key = f"{type(e).__name__}: {e}"
+            if key not in self._fetch_errors:
+                self._fetch_errors.add(key)
+                log.warning("fetch-ahead of inode %d at %d failed (the read will retry): %s", ino,
+                            chunk.start, key)
 
     def _plan_chunk(self, ino: int, start: int, pos: int) -> tuple[_ReadAhead, ReadPlan] | None:
         """Map the chunk at ``start`` and register it as in flight; None for a hole, a fragmented
@@ -1183,17 +1228,17 @@ class FileSystem:
         assert done is not None
         try:
             datas = await self.dev.preadv_async(plan.requests)  # type: ignore[attr-defined]
+            if chunk.mutations != self.inodes.mutations or chunk.releases != self.balloc.releases:
+                self._drop_chunk(ino, chunk)
+                return False
+            chunk.data = plan.assemble_buffer(datas)
+            return True
         except BaseException:
-            self._drop_chunk(ino, chunk)
+            self._drop_chunk(ino, chunk)  # never left behind empty, blocking a fetch of its range
             raise
         finally:
             chunk.done = None
             done.set()
-        if chunk.mutations != self.inodes.mutations or chunk.releases != self.balloc.releases:
-            self._drop_chunk(ino, chunk)
-            return False
-        chunk.data = plan.assemble_buffer(datas)
-        return True
 
     def write(self, ino: int, offset: int, data: Buffer) -> int:
         self._rw()

@@ -41,9 +41,9 @@ from typing import Any, TypeVar, cast
 
 import pyfuse3
 
-from sovfs.errors import Corrupt, Exists, SovError
+from sovfs.errors import Corrupt, Exists, PermissionDenied, SovError
 from sovfs.format import ROOT_INO
-from sovfs.fs import Attr, FileSystem
+from sovfs.fs import RENAME_EXCHANGE, Attr, FileSystem
 
 __all__ = ["Handle", "SovOps"]
 
@@ -56,6 +56,9 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 class Handle:
     ino: int
     flags: int
+    #: a directory opened by a caller who may list it but not search it: its readdirplus entries
+    #: must not let the kernel skip the LOOKUP that would refuse that caller (see readdir)
+    no_search: bool = False
 
 
 #: Replies kept by :meth:`SovOps._entry` (about 0.3 KiB each with their ``Attr``); all are dropped at
@@ -150,6 +153,11 @@ class SovOps(pyfuse3.Operations):
         self._entries[a.ino] = (a, e)
         return e
 
+    def _expired_entry(self, a: Attr) -> pyfuse3.EntryAttributes:
+        e = self._build_entry(a)
+        e.entry_timeout = e.attr_timeout = 0
+        return e
+
     def _build_entry(self, a: Attr) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
         e.st_ino = a.ino
@@ -176,13 +184,13 @@ class SovOps(pyfuse3.Operations):
     def _caller(self, ctx: pyfuse3.RequestContext) -> tuple[int, set[int]] | None:
         """``(uid, groups)`` of a request whose permissions this handler must check, or None.
 
-        None when the kernel checks them (``default_permissions``) and for root, which passes every
-        check (it has CAP_DAC_OVERRIDE and CAP_FOWNER; the kernel itself still refuses to execute a
-        file without an x bit).  Without ``default_permissions`` the kernel leaves all checks to the
-        filesystem except access(2) (ACCESS) and exec; mount.sovfs drops it only when root mounts
-        without allow_other, so only root's processes reach the mount and this is one comparison - a
-        process that set its fsuid to another user (setfsuid) is checked here as that user.  The
-        supplementary groups come from /proc (slow, but only for such callers).
+        None when the kernel checks them (``default_permissions``, the default) and for uid 0, which
+        passes every check.  Without ``default_permissions`` (``-o nodefault_permissions``) the kernel
+        leaves all checks to the filesystem but access(2) (sent as ACCESS) and an exec's "some x bit";
+        these handlers then apply the POSIX rules to the caller's fsuid and groups.  What they cannot
+        see: a process's capabilities (uid 0 without CAP_DAC_OVERRIDE still passes), and the path
+        walks the kernel serves from its cache (a directory's search permission guards only the names
+        it has to look up).  The supplementary groups come from /proc (slow, but only for non-root).
         """
         if not self.check_permissions or ctx.uid == 0:
             return None
@@ -238,18 +246,19 @@ class SovOps(pyfuse3.Operations):
         self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None,
         ctx: pyfuse3.RequestContext,
     ) -> Any:
+        mode: int | None = attr.st_mode if fields.update_mode else None
         c = self._caller(ctx)
         if c is not None:
-            self.fs.may_setattr(
-                inode, *c, mode=fields.update_mode,
+            mode = self.fs.check_setattr(
+                inode, *c, mode=mode,
                 owner=attr.st_uid if fields.update_uid else None,
                 group=attr.st_gid if fields.update_gid else None,
                 size=fields.update_size and fh is None,  # ftruncate: checked when the file was opened
                 times=fields.update_atime or fields.update_mtime or fields.update_ctime,
             )
         kw: dict[str, int] = {}
-        if fields.update_mode:
-            kw["mode"] = attr.st_mode
+        if mode is not None:
+            kw["mode"] = mode
         if fields.update_uid:
             kw["uid"] = attr.st_uid
         if fields.update_gid:
@@ -311,7 +320,10 @@ class SovOps(pyfuse3.Operations):
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> Any:
-        self._may(ctx, new_parent_inode, os.W_OK | os.X_OK)
+        c = self._caller(ctx)
+        if c is not None:
+            self.fs.access(new_parent_inode, os.W_OK | os.X_OK, *c)
+            self.fs.may_link(inode, *c)
         return self._ref(self.fs.link(inode, new_parent_inode, new_name))
 
     @_guard
@@ -333,22 +345,40 @@ class SovOps(pyfuse3.Operations):
         if c is not None:
             self.fs.may_remove(parent_inode_old, name_old, *c)
             self.fs.may_remove(parent_inode_new, name_new, *c)
-            moved = self.fs.lookup(parent_inode_old, name_old)
-            if parent_inode_new != parent_inode_old and moved.mode & 0o170000 == 0o040000:
-                self.fs.access(moved.ino, os.W_OK, *c)  # its ".." changes
+            if parent_inode_new != parent_inode_old:  # a directory moved away: its ".." changes
+                moved = [self.fs.lookup(parent_inode_old, name_old)]
+                if flags & RENAME_EXCHANGE:
+                    moved.append(self.fs.lookup(parent_inode_new, name_new))
+                for a in moved:
+                    if a.mode & 0o170000 == 0o040000:
+                        self.fs.access(a.ino, os.W_OK, *c)
         self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
 
     # ------------------------------------------------------------------------ directories
     @_guard
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         self.fs.getattr(inode)
-        self._may(ctx, inode, os.R_OK)
-        return self._new_fh(inode, os.O_RDONLY | os.O_DIRECTORY)
+        c = self._caller(ctx)
+        no_search = False
+        if c is not None:
+            self.fs.access(inode, os.R_OK, *c)
+            try:
+                self.fs.access(inode, os.X_OK, *c)
+            except PermissionDenied:
+                no_search = True
+        fh = self._new_fh(inode, os.O_RDONLY | os.O_DIRECTORY)
+        self.handles[fh].no_search = no_search
+        return fh
 
     @_guard
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        ino = self._handle(fh).ino
+        h = self._handle(fh)
+        ino = h.ino
         reply, entry = pyfuse3.readdir_reply, self._entry
+        if h.no_search:
+            # Entries that expire at once: the kernel caches nothing that would spare the next path
+            # walk through them the LOOKUP (and its search-permission check) of a name.
+            entry = self._expired_entry
         added: list[int] = []  # lookups to count: entries the kernel will get, except . and ..
         for name, a, cookie in self.fs.readdir_plus(ino, start_id):
             if not reply(token, name, entry(a), cookie):

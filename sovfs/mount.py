@@ -54,13 +54,12 @@ options:
   -n, -s                accepted for mount(8) (no mtab / sloppy); ignored
   -h, --help            this text
   -o allow_other        let other users access the mount      -o allow_root (libfuse permitting)
-  -o default_permissions  the kernel checks permissions (default, except for root without
-                        allow_other/allow_root: only root's processes can reach that mount, and root
-                        passes the checks, so mount.sovfs spares the kernel's attribute refresh on
-                        every create and unlink; the daemon checks any other fsuid itself)
-  -o nodefault_permissions  the daemon checks permissions (POSIX rules; the kernel still guards
-                        exec and the xattr namespaces; with allow_other, directories' search
-                        permission is not checked for names the kernel has cached)
+  -o default_permissions  the kernel checks permissions (default)
+  -o nodefault_permissions  the daemon checks them, for every caller but uid 0 (POSIX rules on its
+                        fsuid and groups).  Faster: the kernel then stops refreshing a directory's
+                        attributes before each create and unlink in it.  Weaker: uid 0 passes every
+                        check even without capabilities, and a directory's search permission guards
+                        only the names the kernel has not cached (see docs/DESIGN.md)
   -o nosuid,nodev,noexec,suid,dev,exec   passed to the kernel mount
   -o relatime (default), noatime, strictatime   atime updates
   -o writeback_cache    kernel write-back cache (fsync still waits for the data on the image)
@@ -124,7 +123,7 @@ class MountOptions:
     debug: bool = False
     allow_other: bool = False
     allow_root: bool = False
-    default_permissions: bool | None = None  # None: see kernel_checks_permissions()
+    default_permissions: bool = True
     writeback_cache: bool = False
     iothreads: bool = True
     lone_trap: bool = True  # iothreads: a trapped queue for lone requests (iothreads=all: False)
@@ -145,16 +144,9 @@ class MountOptions:
     max_tasks: int = 99
     kernel_flags: list[str] = field(default_factory=list)
 
-    def kernel_checks_permissions(self) -> bool:
-        """Whether the mount gets FUSE's ``default_permissions``.  Unless set, yes when other users can
-        reach the mount or the mounter is not root (whose files' modes the kernel then enforces)."""
-        if self.default_permissions is not None:
-            return self.default_permissions
-        return self.allow_other or self.allow_root or os.geteuid() != 0
-
     def fuse_options(self) -> set[str]:
         opts = {f"fsname={self.fsname or self.spec}", "subtype=sovfs", *self.kernel_flags}
-        if self.kernel_checks_permissions():
+        if self.default_permissions:
             opts.add("default_permissions")
         if self.allow_other:
             opts.add("allow_other")
@@ -406,7 +398,7 @@ class _Daemon:
         o = self.o
         ops = SovOps(
             fs, entry_timeout=o.entry_timeout, attr_timeout=o.attr_timeout, atime=o.atime,
-            writeback_cache=o.writeback_cache, check_permissions=not o.kernel_checks_permissions(),
+            writeback_cache=o.writeback_cache, check_permissions=not o.default_permissions,
         )
         try:
             pyfuse3.init(ops, o.mountpoint, o.fuse_options())

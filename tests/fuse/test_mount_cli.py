@@ -18,7 +18,7 @@ def test_parse_args_mount8_convention() -> None:
     o = parse_args(["img", "/mnt", "-o", "ro,allow_other,noatime,nodev,x-systemd.automount,_netdev",
                     "-n", "-s", "-oentry_timeout=2.5"])
     assert o.read_only and o.allow_other and o.atime == "noatime" and o.kernel_flags == ["nodev"]
-    assert o.entry_timeout == 2.5 and o.kernel_checks_permissions()  # allow_other: the kernel's checks
+    assert o.entry_timeout == 2.5 and o.default_permissions
     assert {"ro", "allow_other", "default_permissions", "subtype=sovfs", "nodev"} <= o.fuse_options()
     assert parse_args(["-f", "a", "b", "-o", "nodefault_permissions,rw"]).foreground
     assert parse_args(["a", "b", "-o", "iothreads"]).iothreads
@@ -41,20 +41,9 @@ def test_parse_args_mount8_convention() -> None:
     assert parse_args(["a", "b"]).reqspin_us == 50
     assert parse_args(["a", "b", "-o", "reqspin=0"]).reqspin_us == 0
     assert "default_permissions" not in parse_args(["a", "b", "-o", "nodefault_permissions"]).fuse_options()
-    assert "default_permissions" in parse_args(["a", "b", "-o", "default_permissions"]).fuse_options()
-    assert "default_permissions" in parse_args(["a", "b", "-o", "allow_root"]).fuse_options()
-
-
-def test_root_without_allow_other_leaves_permissions_to_the_daemon(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Only the mounter's processes reach a mount without allow_other: for root, the kernel's checks
-    would pass anyway, so they are dropped (the daemon checks any other fsuid); other mounters keep them."""
-    monkeypatch.setattr(os, "geteuid", lambda: 0)
-    assert not parse_args(["a", "b"]).kernel_checks_permissions()
-    assert parse_args(["a", "b", "-o", "allow_other"]).kernel_checks_permissions()
-    assert parse_args(["a", "b", "-o", "default_permissions"]).kernel_checks_permissions()
-    monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    assert parse_args(["a", "b"]).kernel_checks_permissions()
-    assert not parse_args(["a", "b", "-o", "nodefault_permissions"]).kernel_checks_permissions()
+    assert "default_permissions" in parse_args(["a", "b"]).fuse_options()  # the kernel checks by default
+    last = parse_args(["a", "b", "-o", "nodefault_permissions,default_permissions"])
+    assert "default_permissions" in last.fuse_options()
     for bad in (["a"], ["a", "b", "-o", "frobnicate"], ["a", "b", "-o"], ["a", "b", "-o", "commit=x"],
                 ["a", "b", "-o", "reqspin=x"], ["a", "b", "-q"]):
         with pytest.raises(UsageError):

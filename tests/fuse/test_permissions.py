@@ -1,9 +1,8 @@
 """Permission checks through the mount: the kernel's (default_permissions) or the daemon's own.
 
-mount.sovfs leaves default_permissions out when root mounts without allow_other (only root's processes
-reach such a mount).  Then, and with ``-o nodefault_permissions``, SovOps applies the POSIX rules
-itself to any caller but root.  These tests run an unprivileged child against such a mount and check
-every refusal and every grant it must see.
+With ``-o nodefault_permissions`` the kernel leaves the checks to the filesystem, and SovOps applies the
+POSIX rules itself to any caller but root.  These tests run an unprivileged child against such a mount
+and check every refusal and every grant it must see.
 """
 
 from __future__ import annotations
@@ -28,9 +27,10 @@ def _mount_options(mnt: Path) -> set[str]:
     raise AssertionError(f"{mnt} not in /proc/mounts")
 
 
-def test_a_root_mount_without_allow_other_drops_default_permissions_and_keeps_roots_rules(
-    mount: Mount,
-) -> None:
+def test_the_kernel_checks_by_default_and_root_keeps_its_rules_without_it(mount: Mount) -> None:
+    assert "default_permissions" in _mount_options(mount.mnt)
+    mount.unmount()
+    mount.mount("nodefault_permissions")
     assert "default_permissions" not in _mount_options(mount.mnt)
     f = mount.mnt / "f"
     f.write_bytes(b"#!/bin/sh\n")
@@ -105,6 +105,14 @@ def test_the_daemon_applies_the_posix_rules_without_default_permissions(
         os.chmod(root / "closed", 0o700)
         (root / "closed" / "inner").write_bytes(b"i")
         os.setxattr(root / "public", "user.tag", b"v")
+        (root / "shared" / "suid").write_bytes(b"x")
+        os.chown(root / "shared" / "suid", 0, USER)
+        os.chmod(root / "shared" / "suid", 0o4775)  # group-writable set-user-ID: a member may write
+        (root / "shared" / "theirs").write_bytes(b"t")
+        os.chown(root / "shared" / "theirs", USER, OTHER)  # the user's file in a group it is not in
+        (root / "listonly").mkdir()
+        (root / "listonly" / "child").write_bytes(b"c")
+        os.chmod(root / "listonly", 0o744)  # others may list it, not search it
         # Forget the cached names: the kernel does not ask the filesystem to look up a name it caches,
         # so a directory's search permission is checked only for the names it has to look up.
         Path("/proc/sys/vm/drop_caches").write_text("2\n")
@@ -142,6 +150,20 @@ def test_the_daemon_applies_the_posix_rules_without_default_permissions(
             _try(res, "list closed", lambda: os.listdir(at("closed")))
             _try(res, "set user xattr on public", lambda: os.setxattr(at("public"), "user.x", b"1"))
             _try(res, "get user xattr of public", lambda: os.getxattr(at("public"), "user.tag"))
+
+            def write_suid() -> None:
+                fd = os.open(at("shared/suid"), os.O_WRONLY)
+                os.write(fd, b"y")
+                os.close(fd)
+
+            _try(res, "write a group-writable setuid file", write_suid)
+            res["its mode after the write"] = os.stat(at("shared/suid")).st_mode & 0o7777
+            _try(res, "chmod g+s outside the group", lambda: os.chmod(at("shared/theirs"), 0o2755))
+            res["mode after chmod g+s"] = os.stat(at("shared/theirs")).st_mode & 0o7777
+            _try(res, "hard link to secret", lambda: os.link(at("secret"), at("shared/stolen")))
+            _try(res, "hard link to own file", lambda: os.link(at("shared/mine"), at("shared/mine2")))
+            _try(res, "list listonly", lambda: os.listdir(at("listonly")))
+            _try(res, "stat in listonly after listing it", lambda: os.stat(at("listonly/child")))
             res["access R secret"] = int(os.access(at("secret"), os.R_OK))
             res["access R public"] = int(os.access(at("public"), os.R_OK))
             return res
@@ -161,4 +183,8 @@ def test_the_daemon_applies_the_posix_rules_without_default_permissions(
         "lookup in closed": acc, "list closed": acc,
         "set user xattr on public": acc, "get user xattr of public": 0,
         "access R secret": 0, "access R public": 1,
+        "write a group-writable setuid file": 0, "its mode after the write": 0o775,
+        "chmod g+s outside the group": 0, "mode after chmod g+s": 0o755,
+        "hard link to secret": perm, "hard link to own file": 0,
+        "list listonly": 0, "stat in listonly after listing it": acc,
     }
