@@ -998,7 +998,9 @@ def _git_commit() -> str:
             check=True,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            # docs/ excluded: the run's own figures and plots are written there before this runs
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", ".",
+             ":(exclude)docs"],
             capture_output=True,
             text=True,
             check=True,
