@@ -192,8 +192,9 @@ class _ReadAhead:
     start: int  # file offset of data[0] (block-aligned)
     stop: int  # start + the bytes mapped when the chunk was planned (data's length once read)
     data: bytes | bytearray | memoryview  # the file's bytes from start, up to READAHEAD_CHUNK or EOF
-    mutations: int  # InodeStore.mutations ...
-    releases: int  # ... and BitmapAllocator.releases when the chunk was mapped
+    rec: InodeRec  # the file's record and its data_version when the chunk was mapped ...
+    version: int
+    releases: int  # ... and BitmapAllocator.releases then (for the fill: see _fill_chunk)
     eof: bool  # data ends at the end of the file
     done: trio.Event | None  # set when the device read completes (None once it has)
 
@@ -1129,10 +1130,11 @@ class FileSystem:
 
         Reads that arrive while their chunk is in flight wait for it.
 
-        Coherence: a chunk is the file's bytes as of one value of ``InodeStore.mutations``
-        (bumped by every data write, truncate, hole punch, allocation or free) and of the block
-        allocator's ``releases``; it is used only while both are unchanged, so no write is
-        ever hidden.  A chunk whose fill raced with a change is dropped, never used.
+        Coherence: a chunk is the file's bytes as of one ``InodeRec.data_version`` (bumped by every
+        write, truncate, hole punch, allocation or free of that file); it is used only while the
+        file's record and version are unchanged, so no write is ever hidden, and writes to other
+        files leave it alone.  A chunk whose fill raced with a change of the file, or with any
+        block free (the mapped blocks could have been reused), is dropped, never used.
         """
         if size <= 0 or size > READAHEAD_CHUNK or getattr(self.dev, "preadv_async", None) is None:
             return None
@@ -1160,8 +1162,8 @@ class FileSystem:
             if c.done is not None:
                 await c.done.wait()  # the chunk this read falls into is in flight
                 continue
-            if c.mutations != self.inodes.mutations or c.releases != self.balloc.releases:
-                self._drop_chunk(ino, c)  # stale: something changed since it was read
+            if not self._chunk_current(ino, c):
+                self._drop_chunk(ino, c)  # stale: the file changed since it was read
                 continue
             pos = offset - c.start
             if pos + size <= len(c.data) or (c.eof and pos < len(c.data)):
@@ -1201,8 +1203,9 @@ class FileSystem:
         plan = self.read_plan(ino, start, READAHEAD_CHUNK)
         if len(plan.requests) != 1:
             return None
+        rec = self._rec(ino)
         chunk = _ReadAhead(
-            start, start + plan.size, b"", self.inodes.mutations, self.balloc.releases,
+            start, start + plan.size, b"", rec, rec.data_version, self.balloc.releases,
             plan.size < READAHEAD_CHUNK, trio.Event(),
         )
         chunks = self._ra.pop(ino, [])
@@ -1214,6 +1217,11 @@ class FileSystem:
         while len(self._ra) > READAHEAD_FILES:
             self._ra.pop(next(iter(self._ra)))
         return chunk, plan
+
+    def _chunk_current(self, ino: int, c: _ReadAhead) -> bool:
+        """Whether the chunk still holds the file's bytes: the same record (an abort reloads the
+        records, a free and a new file of that number makes a new one) at the same data_version."""
+        return self.inodes.loaded(ino) is c.rec and c.rec.data_version == c.version
 
     def _drop_chunk(self, ino: int, chunk: _ReadAhead) -> None:
         chunks = self._ra.get(ino)
@@ -1228,7 +1236,9 @@ class FileSystem:
         assert done is not None
         try:
             datas = await self.dev.preadv_async(plan.requests)  # type: ignore[attr-defined]
-            if chunk.mutations != self.inodes.mutations or chunk.releases != self.balloc.releases:
+            # Filled: current while the file is.  In flight, a block freed anywhere could have been
+            # one of the mapped ones, reused (as for any read: plan_still_valid).
+            if not self._chunk_current(ino, chunk) or chunk.releases != self.balloc.releases:
                 self._drop_chunk(ino, chunk)
                 return False
             chunk.data = plan.assemble_buffer(datas)

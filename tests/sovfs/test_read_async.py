@@ -343,3 +343,31 @@ async def test_page_cache_reads_fetch_nothing_ahead_of_the_kernel() -> None:
         assert calls[0] == 2
         fs.background = None
     fs.close()
+
+
+async def test_chunks_survive_writes_to_other_files_and_not_to_their_own() -> None:
+    """Coherence is per file: another file's writes, truncates and frees leave a chunk in use (no
+    second device read); a write to the chunk's own file drops it."""
+    from sovfs.fs import READAHEAD_CHUNK
+
+    dev, fs = fresh()
+    a = fs.create(ROOT_INO, b"a").ino
+    b = fs.create(ROOT_INO, b"b").ino
+    data = random.Random(4).randbytes(READAHEAD_CHUNK)
+    fs.write(a, 0, data)
+    fs.write(b, 0, b"b" * 300_000)
+    async with dev.serving():
+        calls = _count_async_reads(dev)
+        assert bytes(await fs.read_async(a, 0, 65536, readahead=True)) == data[:65536]
+        assert calls[0] == 1
+        fs.write(b, 4096, b"B" * 8192)
+        fs.truncate(b, 100_000)  # frees blocks of b
+        c = fs.create(ROOT_INO, b"c").ino
+        fs.write(c, 0, b"c" * 200_000)  # may reuse them
+        assert bytes(await fs.read_async(a, 65536, 65536, readahead=True)) == data[65536:131072]
+        assert calls[0] == 1  # still the chunk
+        fs.write(a, 200_000, b"A" * 10)
+        got = bytes(await fs.read_async(a, 131072, 131072, readahead=True))
+        assert got == data[131072:200_000] + b"A" * 10 + data[200_010:262144]
+        assert calls[0] == 2  # its own file changed: read again
+    fs.close()
