@@ -11,6 +11,9 @@ short fixed sequence of calls) into the synchronous core, and translates the res
   each readdirplus entry except ``.``/``..``) calls ``fs.ref`` (readdir: one ``fs.ref_many`` once the
   reply is complete); ``forget`` calls ``fs.forget``.  The core
   frees an unlinked inode only when nlink, lookups and open handles are all 0;
+* permissions: the kernel's (``default_permissions``) unless the mount says otherwise; then
+  (``check_permissions``) each handler asks the core's ``access`` / ``may_remove`` / ``check_setattr``
+  / ``may_link`` on behalf of any caller but root before it acts (:meth:`SovOps._caller`);
 * errors: this is the ONLY module that builds ``FUSEError``.  A ``SovError`` becomes its errno.  A
   ``Corrupt`` (checksum or structure) or an unexpected exception (device failure, our bug) is logged once
   with its traceback/block/inode, switches the core to failsafe (read-only, ``STATE_ERRORS``) and is
