@@ -449,7 +449,7 @@ def inode_seed(seed: int, ino: int, generation: int) -> int:
     return crc32c(struct.pack("<QI", ino, generation), seed)
 
 
-@dataclass
+@dataclass(slots=True)
 class Inode:
     """An on-disk inode (§4.1). ``area`` is the 64-byte extent root or inline data."""
 

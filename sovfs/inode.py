@@ -94,7 +94,7 @@ class ReadPlan:
         # bytes() of a bytes object is that object: no copy for a block-aligned single run
         return bytes(self.assemble_buffer(datas))
 
-@dataclass
+@dataclass(slots=True)
 class InodeRec:
     ino: int
     inode: Inode
