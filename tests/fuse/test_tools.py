@@ -58,6 +58,14 @@ def make_source(src: Path) -> None:
     os.setxattr(src / "big.bin", "user.origin", b"test")
     os.chown(src / "docs", 1000, 1000)
     os.chmod(src / "empty", 0o1777)
+    # Times well in the past: rsync leaves a directory's or a fifo's time alone when it matches the
+    # source's to the second, so a copy made within the second the source was made would keep its
+    # own nanoseconds (the host's filesystems do the same).
+    past = 1_600_000_000_123_456_789
+    for dirpath, dirnames, filenames in os.walk(src, topdown=False):
+        for name in [*filenames, *dirnames]:
+            os.utime(Path(dirpath) / name, ns=(past, past), follow_symlinks=False)
+    os.utime(src, ns=(past, past))
 
 
 def sh(cmd: str, cwd: Path) -> str:
