@@ -101,12 +101,12 @@ class InodeRec:
     extents: list[Extent] = field(default_factory=list)
     tree_blocks: list[int] = field(default_factory=list)
     map_dirty: bool = False
-    #: Bumped with every change to the file's data, block map or size (InodeStore.mutations counts
-    #: them for all files): read-ahead chunks of this file are current while it is unchanged.
+    #: Bumped with every change to the file's data, block map or size: read-ahead chunks of this
+    #: file are current while it is unchanged (an abort drops the records, so a new one starts over).
     data_version: int = 0
     #: The FileSystem's attributes of this inode, as last reported (an ``Attr``); None once the inode
-    #: may have changed.  Every change to an inode ends in :meth:`InodeStore.put` (it must, to reach
-    #: the disk), which clears it.
+    #: may have changed.  Every change to an inode's attributes ends in :meth:`InodeStore.put` (it
+    #: must, to reach the disk), which clears it.
     attr: Any = None
 
 
@@ -131,14 +131,7 @@ class InodeStore:
         #: outside an operation
         self._pending: dict[int, InodeRec] = {}
         self._ino_goal = 3
-        #: bumped by every change to any file's data, block map or size (and by a transaction
-        #: abort, which rolls such changes back): a copy of file data taken at one value is
-        #: current while the value is unchanged.  (Per file: ``InodeRec.data_version``.)
-        self.mutations = 0
-        journal.abort_hooks += [self._recs.clear, self._pending.clear, self._mutated]
-
-    def _mutated(self) -> None:
-        self.mutations += 1
+        journal.abort_hooks += [self._recs.clear, self._pending.clear]
 
     # --------------------------------------------------------------------------------- inodes
     def _slot(self, ino: int) -> tuple[int, int]:
@@ -229,7 +222,6 @@ class InodeStore:
 
     def free(self, tx: Transaction, rec: InodeRec) -> None:
         """Release all blocks of ``rec`` and mark the inode free (keeping its generation)."""
-        self.mutations += 1
         rec.data_version += 1
         self.punch(tx, rec, 0, MAX_LOGICAL_BLOCKS)
         for b in rec.tree_blocks:
@@ -398,7 +390,6 @@ class InodeStore:
         self, tx: Transaction, rec: InodeRec, first: int, count: int
     ) -> list[tuple[int, int, int]]:
         """Map every hole in [first, first+count) to new blocks; returns the new (logical, phys, n)."""
-        self.mutations += 1
         rec.data_version += 1
         if first + count > MAX_LOGICAL_BLOCKS:
             raise FileTooBig(f"logical block {first + count} beyond the 2^32 limit")
@@ -425,7 +416,6 @@ class InodeStore:
 
     def punch(self, tx: Transaction, rec: InodeRec, first: int, end: int) -> int:
         """Unmap and free logical blocks [first, end). Returns the number of blocks freed."""
-        self.mutations += 1
         rec.data_version += 1
         kept: list[Extent] = []
         freed = 0
@@ -469,7 +459,6 @@ class InodeStore:
 
     def write(self, tx: Transaction, rec: InodeRec, offset: int, data: Buffer) -> int:
         """Write ``data`` at ``offset``: allocate holes, RMW partial edge blocks, one ``pwritev``."""
-        self.mutations += 1
         rec.data_version += 1
         mv = memoryview(data).cast("B")
         size = len(mv)
@@ -536,7 +525,6 @@ class InodeStore:
 
     def truncate(self, tx: Transaction, rec: InodeRec, size: int) -> None:
         """Set the size; shrinking frees whole blocks past the end and zeroes the tail of the last block."""
-        self.mutations += 1
         rec.data_version += 1
         bs = self.bs
         if size > MAX_LOGICAL_BLOCKS * bs:
