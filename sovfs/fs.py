@@ -169,6 +169,8 @@ def check_xattr_name(name: bytes) -> None:
         raise NotSupported(f"xattr namespace of {name!r} not supported")
 
 
+_DT_DIR = dirent_type(S_IFDIR)  # a directory entry's file type for . and ..
+
 log = logging.getLogger("sovfs.fs")
 
 #: Verify every cached ``Attr`` against the inode (FileSystem._attr); the test suite sets it.
@@ -1014,13 +1016,23 @@ class FileSystem:
 
     def readdir(self, ino: int, cookie: int = 0) -> Iterator[DirItem]:
         """Entries after ``cookie`` (0 = start), each with the cookie that resumes after it (§6.4)."""
+        for item in self.readdir_names(ino, cookie):
+            yield DirItem(*item)
+
+    def readdir_names(self, ino: int, cookie: int = 0) -> Iterator[tuple[bytes, int, int, int]]:
+        """:meth:`readdir` as plain ``(name, ino, ftype, next_cookie)`` tuples.
+
+        For the FUSE adapter's names-only listings, which list 10,000 entries in a few milliseconds:
+        no object is built per entry and no inode is loaded.
+        """
         d = self._dir(ino)
         if cookie < 1:
-            yield DirItem(b".", d.ino, 4, 1)
+            yield b".", d.ino, _DT_DIR, 1
         if cookie < 2:
-            yield DirItem(b"..", d.inode.parent or ROOT_INO, 4, 2)
-        for e in self.dirs.iterate(d, max(cookie, 3)):
-            yield DirItem(e.name, e.ino, e.ftype, e.key + 1)
+            yield b"..", d.inode.parent or ROOT_INO, _DT_DIR, 2
+        for ents in self.dirs.leaves(d, max(cookie, 3)):
+            for key, child, ftype, name in ents:
+                yield name, child, ftype, key + 1
 
     def readdir_plus(self, ino: int, cookie: int = 0) -> Iterator[tuple[bytes, Attr, int]]:
         """:meth:`readdir` with each entry's attributes: ``(name, attr, next_cookie)`` (READDIRPLUS).

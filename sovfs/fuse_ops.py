@@ -8,9 +8,14 @@ short fixed sequence of calls) into the synchronous core, and translates the res
 
 * file handles (``fh`` → :class:`Handle`: inode and open flags); the core counts opens per inode;
 * lookup counts: every reply that hands the kernel an entry (lookup, create, mkdir, mknod, symlink, link,
-  each readdirplus entry except ``.``/``..``) calls ``fs.ref`` (readdir: one ``fs.ref_many`` once the
-  reply is complete); ``forget`` calls ``fs.forget``.  The core
+  each full readdirplus entry except ``.``/``..``) calls ``fs.ref`` (readdir: one ``fs.ref_many`` once
+  the reply is complete); ``forget`` calls ``fs.forget``.  The core
   frees an unlinked inode only when nlink, lookups and open handles are all 0;
+* listings: pyfuse3 makes every listing a READDIRPLUS.  A reply either carries each entry's
+  attributes (a *full* entry: the kernel instantiates the inode) or only names it (node id 0:
+  name, inode number and type, nothing instantiated, no lookup counted; see
+  ``sovfs/_dirent_reply.py``).  ``readdirplus=auto`` (default) chooses per reply as the kernel's
+  own adaptive rule would (:meth:`SovOps._plus`);
 * permissions: the kernel's (``default_permissions``) unless the mount says otherwise; then
   (``check_permissions``) each handler asks the core's ``access`` / ``may_remove`` / ``check_setattr``
   / ``may_link`` on behalf of any caller but root before it acts (:meth:`SovOps._caller`);
@@ -44,6 +49,7 @@ from typing import Any, TypeVar, cast
 
 import pyfuse3
 
+from sovfs._dirent_reply import LayoutUnknown, NameOnlyEntry
 from sovfs.errors import Corrupt, Exists, PermissionDenied, SovError
 from sovfs.format import ROOT_INO
 from sovfs.fs import RENAME_EXCHANGE, Attr, FileSystem
@@ -67,6 +73,10 @@ class Handle:
 #: Replies kept by :meth:`SovOps._entry` (about 0.3 KiB each with their ``Attr``); all are dropped at
 #: once when full: a scan of a larger tree simply builds them again.
 ENTRY_CACHE_SIZE = 32768
+
+#: Directories remembered as advised for full listings (:meth:`SovOps._plus`); the set is emptied
+#: when full.
+PLUS_ADVICE_LIMIT = 65536
 
 
 def _open_mask(flags: int) -> int:
@@ -107,6 +117,9 @@ class SovOps(pyfuse3.Operations):
         writeback_cache: request the kernel's writeback cache (FUSE_CAP_WRITEBACK_CACHE).
         check_permissions: apply the POSIX permission rules here, for a mount without the kernel's
             ``default_permissions`` (see :meth:`_caller`).
+        readdirplus: which listings carry each entry's attributes: ``auto`` (the kernel's adaptive
+            rule: a listing's first reply, and replies after lookups in the directory), ``yes``
+            (every reply: pyfuse3's behaviour) or ``no`` (none: names, inode numbers and types).
     """
 
     supports_dot_lookup = True
@@ -114,6 +127,7 @@ class SovOps(pyfuse3.Operations):
     def __init__(
         self, fs: FileSystem, *, entry_timeout: float = 5.0, attr_timeout: float = 5.0,
         atime: str = "relatime", writeback_cache: bool = False, check_permissions: bool = False,
+        readdirplus: str = "auto",
     ) -> None:
         super().__init__()
         self.fs = fs
@@ -122,6 +136,16 @@ class SovOps(pyfuse3.Operations):
         self.atime = atime
         self.enable_writeback_cache = writeback_cache
         self.check_permissions = check_permissions
+        if readdirplus not in ("auto", "yes", "no"):
+            raise ValueError(f"readdirplus={readdirplus!r}: auto, yes or no")
+        self.readdirplus = readdirplus
+        self._plus_advised: set[int] = set()  # directories with lookups since their last listing
+        self._name_only: NameOnlyEntry | None = None
+        if readdirplus != "yes":
+            try:
+                self._name_only = NameOnlyEntry()
+            except LayoutUnknown as e:
+                log.warning("every listing carries attributes (readdirplus=yes): %s", e)
         self._entries: dict[int, tuple[Attr, pyfuse3.EntryAttributes]] = {}  # ino -> (attr, reply)
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
@@ -232,6 +256,10 @@ class SovOps(pyfuse3.Operations):
     @_guard
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> Any:
         self._may(ctx, parent_inode, os.X_OK)
+        advised = self._plus_advised
+        if len(advised) >= PLUS_ADVICE_LIMIT:
+            advised.clear()  # advice only: forgetting it costs a later listing its attributes
+        advised.add(parent_inode)
         return self._ref(self.fs.lookup(parent_inode, name))
 
     @_guard
@@ -373,11 +401,34 @@ class SovOps(pyfuse3.Operations):
         self.handles[fh].no_search = no_search
         return fh
 
+    def _plus(self, ino: int, start_id: int) -> bool:
+        """Whether this READDIRPLUS request gets full entries (see the module docstring)."""
+        if self._name_only is None:
+            return True
+        if self.readdirplus == "auto":
+            # The kernel's FUSE_CAP_READDIRPLUS_AUTO rule, which pyfuse3 turns off: full entries
+            # for a listing's first request, and for a later one after lookups in the directory
+            # (the advice is used up, as the kernel's test_and_clear_bit does).
+            if ino in self._plus_advised:
+                self._plus_advised.discard(ino)
+                return True
+            return start_id == 0
+        return self.readdirplus == "yes"
+
     @_guard
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         h = self._handle(fh)
         ino = h.ino
-        reply, entry = pyfuse3.readdir_reply, self._entry
+        reply = pyfuse3.readdir_reply
+        name_only = self._name_only
+        if name_only is not None and not self._plus(ino, start_id):
+            for name, child, ftype, cookie in self.fs.readdir_names(ino, start_id):
+                if not reply(token, name, name_only(child, ftype), cookie):
+                    break
+            if start_id == 0:
+                self.fs.accessed(ino, self.atime)
+            return
+        entry = self._entry
         if h.no_search:
             # Entries that expire at once: the kernel caches nothing that would spare the next path
             # walk through them the LOOKUP (and its search-permission check) of a name.

@@ -80,6 +80,11 @@ options:
                         already reads the next 2 MiB of the file from the image (chunks of 1 MiB,
                         dropped if the file changes; page-cache reads have the kernel's read-ahead)
   -o nofetchahead       O_DIRECT reads only read what they ask for
+  -o readdirplus=auto (default)  a listing's first reply carries every entry's attributes (the
+                        kernel instantiates the inodes, so `ls -l` needs no lookups); later replies
+                        carry only names, inode numbers and types, unless the directory had lookups
+                        since (the kernel's own adaptive rule, which pyfuse3 switches off)
+  -o readdirplus=yes    every reply carries attributes        -o readdirplus=no   none does
   -o fastwait (default)  take the next FUSE request without a scheduler round trip when one is
                         already queued (see sovfs/_fastloop.py)     -o nofastwait: pyfuse3's own wait
   -o reqspin=US         with fastwait: poll /dev/fuse this long for the next request before sleeping,
@@ -130,6 +135,7 @@ class MountOptions:
     direct_reads: bool = False
     write_behind: bool = True
     fetch_ahead: bool = True
+    readdirplus: str = "auto"
     fastwait: bool = True
     reqspin_us: int = 50
     readahead_kib: int = 1024
@@ -200,6 +206,8 @@ def _apply(o: MountOptions, opt: str) -> None:
         o.write_behind = name == "writebehind"
     elif name in ("fetchahead", "nofetchahead"):
         o.fetch_ahead = name == "fetchahead"
+    elif name == "readdirplus" and value in ("auto", "yes", "no"):
+        o.readdirplus = value
     elif name in ("fastwait", "nofastwait"):
         o.fastwait = name == "fastwait"
     elif name in ("relatime", "noatime", "strictatime"):
@@ -399,6 +407,7 @@ class _Daemon:
         ops = SovOps(
             fs, entry_timeout=o.entry_timeout, attr_timeout=o.attr_timeout, atime=o.atime,
             writeback_cache=o.writeback_cache, check_permissions=not o.default_permissions,
+            readdirplus=o.readdirplus,
         )
         try:
             pyfuse3.init(ops, o.mountpoint, o.fuse_options())

@@ -364,3 +364,33 @@ def test_concurrent_writers(d: Path) -> None:
         for j in range(20):
             p = d / f"moved-{i}-{j}" if j % 2 == 0 else d / f"t{i}" / f"f{j}"
             assert p.read_bytes() == bytes([i]) * (j * 1000 + 1)
+
+
+def test_listings_report_inode_numbers_and_types_in_every_readdirplus_mode(mount: object) -> None:
+    """Names-only entries (node id 0) must still carry the right d_ino and d_type, across replies."""
+    top = mount.mnt / "big"  # type: ignore[attr-defined]
+    top.mkdir()
+    for i in range(1500):  # ~10 READDIRPLUS replies
+        (top / f"file-{i:05d}").write_bytes(b"")
+    for i in range(5):
+        (top / f"dir-{i}").mkdir()
+        os.symlink(f"file-{i:05d}", top / f"link-{i}")
+        os.mkfifo(top / f"fifo-{i}")
+    truth = {n: os.lstat(top / n) for n in os.listdir(top)}
+    for mode in ("auto", "no", "yes"):
+        mount.remount(f"readdirplus={mode}")  # type: ignore[attr-defined]
+        with os.scandir(top) as it:
+            listed = {
+                e.name: (e.inode(), e.is_dir(follow_symlinks=False), e.is_symlink(),
+                         e.is_file(follow_symlinks=False))
+                for e in it
+            }
+        assert listed == {
+            n: (st.st_ino, stat.S_ISDIR(st.st_mode), stat.S_ISLNK(st.st_mode), stat.S_ISREG(st.st_mode))
+            for n, st in truth.items()
+        }, mode
+        for n, st in truth.items():  # every listed name stays usable (a LOOKUP when names only)
+            assert os.lstat(top / n).st_ino == st.st_ino
+        os.unlink(top / "file-00007")
+        (top / "file-00007").write_bytes(b"again")
+        truth["file-00007"] = os.lstat(top / "file-00007")
