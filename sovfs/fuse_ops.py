@@ -419,16 +419,13 @@ class SovOps(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         h = self._handle(fh)
         ino = h.ino
-        reply = pyfuse3.readdir_reply
         name_only = self._name_only
         if name_only is not None and not self._plus(ino, start_id):
-            for name, child, ftype, cookie in self.fs.readdir_names(ino, start_id):
-                if not reply(token, name, name_only(child, ftype), cookie):
-                    break
+            name_only.reply(token, self.fs.readdir_names(ino, start_id))
             if start_id == 0:
                 self.fs.accessed(ino, self.atime)
             return
-        entry = self._entry
+        reply, entry = pyfuse3.readdir_reply, self._entry
         if h.no_search:
             # Entries that expire at once: the kernel caches nothing that would spare the next path
             # walk through them the LOOKUP (and its search-permission check) of a name.
