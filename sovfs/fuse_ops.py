@@ -256,11 +256,14 @@ class SovOps(pyfuse3.Operations):
     @_guard
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> Any:
         self._may(ctx, parent_inode, os.X_OK)
+        entry = self._ref(self.fs.lookup(parent_inode, name))
+        # A name found here that the kernel did not have: its next listing reply should carry
+        # attributes (_plus).  Like the kernel's rule, a failed lookup advises nothing.
         advised = self._plus_advised
         if len(advised) >= PLUS_ADVICE_LIMIT:
             advised.clear()  # advice only: forgetting it costs a later listing its attributes
         advised.add(parent_inode)
-        return self._ref(self.fs.lookup(parent_inode, name))
+        return entry
 
     @_guard
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:

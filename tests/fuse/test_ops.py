@@ -183,7 +183,7 @@ async def test_readdirplus_auto_lists_names_only_after_the_first_reply_unless_ad
 ) -> None:
     d = (await ops.mkdir(R, b"d", 0o755, Ctx())).st_ino
     made = {}
-    for i in range(12):
+    for i in range(16):
         made[f"f{i:02d}".encode()] = (await ops.mknod(d, f"f{i:02d}".encode(), 0o100644, 0, Ctx())).st_ino
     made[b"sub"] = (await ops.mkdir(d, b"sub", 0o755, Ctx())).st_ino
     base = dict(ops.fs._lookups)
@@ -207,7 +207,9 @@ async def test_readdirplus_auto_lists_names_only_after_the_first_reply_unless_ad
     assert all(node == made[n] for n, node, _, _ in third)
     fourth = await reply_from(third[-1][3])  # the advice was used up
     assert fourth and all(node == 0 for _, node, _, _ in fourth)
+    assert await fuse_errno(ops.lookup(d, b"absent", Ctx())) == errno.ENOENT  # advises nothing
     rest = await reply_from(fourth[-1][3])
+    assert rest and all(node == 0 for _, node, _, _ in rest)
     listed = [n for n, *_ in got[2:]]
     assert sorted(listed) == sorted(made) and len(rest) <= 4  # every name once, in cookie order
     types = {n: t for n, _, t, _ in got}
