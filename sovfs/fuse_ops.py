@@ -14,8 +14,8 @@ short fixed sequence of calls) into the synchronous core, and translates the res
 * listings: pyfuse3 makes every listing a READDIRPLUS.  A reply either carries each entry's
   attributes (a *full* entry: the kernel instantiates the inode) or only names it (node id 0:
   name, inode number and type, nothing instantiated, no lookup counted; see
-  ``sovfs/_dirent_reply.py``).  ``readdirplus=auto`` (default) chooses per reply as the kernel's
-  own adaptive rule would (:meth:`SovOps._plus`);
+  ``sovfs/_dirent_reply.py``).  ``readdirplus=auto`` (default) chooses per reply by the kernel's
+  own adaptive rule (:meth:`SovOps._plus`);
 * permissions: the kernel's (``default_permissions``) unless the mount says otherwise; then
   (``check_permissions``) each handler asks the core's ``access`` / ``may_remove`` / ``check_setattr``
   / ``may_link`` on behalf of any caller but root before it acts (:meth:`SovOps._caller`);
@@ -68,6 +68,8 @@ class Handle:
     #: a directory opened by a caller who may list it but not search it: its readdirplus entries
     #: must not let the kernel skip the LOOKUP that would refuse that caller (see readdir)
     no_search: bool = False
+    #: a listing whose reader looks names up as it goes: every further reply is full (see _plus)
+    full_listing: bool = False
 
 
 #: Replies kept by :meth:`SovOps._entry` (about 0.3 KiB each with their ``Attr``); all are dropped at
@@ -404,26 +406,33 @@ class SovOps(pyfuse3.Operations):
         self.handles[fh].no_search = no_search
         return fh
 
-    def _plus(self, ino: int, start_id: int) -> bool:
+    def _plus(self, h: Handle, start_id: int) -> bool:
         """Whether this READDIRPLUS request gets full entries (see the module docstring)."""
         if self._name_only is None:
             return True
-        if self.readdirplus == "auto":
-            # The kernel's FUSE_CAP_READDIRPLUS_AUTO rule, which pyfuse3 turns off: full entries
-            # for a listing's first request, and for a later one after lookups in the directory
-            # (the advice is used up, as the kernel's test_and_clear_bit does).
-            if ino in self._plus_advised:
-                self._plus_advised.discard(ino)
-                return True
-            return start_id == 0
-        return self.readdirplus == "yes"
+        if self.readdirplus != "auto":
+            return self.readdirplus == "yes"
+        # The kernel's FUSE_CAP_READDIRPLUS_AUTO rule, which pyfuse3 turns off: a listing's first
+        # reply is full; a later one is full when names of the directory were looked up since
+        # (the advice is used up by the reply that takes it, as the kernel's test_and_clear_bit).
+        advised = h.ino in self._plus_advised
+        self._plus_advised.discard(h.ino)
+        if start_id == 0:
+            return True
+        if advised:
+            # The kernel also takes advice from a cached dentry used while it is still valid -
+            # which the daemon never sees: for a reader that stats while it lists (ls -l), the
+            # entries of a full reply come from the cache and advise nothing here.  So a listing
+            # whose names were looked up between two replies stays full until it ends.
+            h.full_listing = True
+        return h.full_listing
 
     @_guard
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         h = self._handle(fh)
         ino = h.ino
         name_only = self._name_only
-        if name_only is not None and not self._plus(ino, start_id):
+        if name_only is not None and not self._plus(h, start_id):
             name_only.reply(token, self.fs.readdir_names(ino, start_id))
             if start_id == 0:
                 self.fs.accessed(ino, self.atime)
@@ -439,11 +448,11 @@ class SovOps(pyfuse3.Operations):
                 break
             if name != b"." and name != b"..":
                 added.append(a.ino)
-        # Counted only once the whole reply is built: if a later entry fails, the kernel gets an
-        # error instead of the entries, and must not be charged lookups for them.
-        self.fs.ref_many(added)
         if start_id == 0:
             self.fs.accessed(ino, self.atime)
+        # Counted last, once nothing can fail any more: if a later entry (or the atime update)
+        # fails, the kernel gets an error instead of the entries, and must not be charged lookups.
+        self.fs.ref_many(added)
 
     @_guard
     async def releasedir(self, fh: int) -> None:

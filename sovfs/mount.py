@@ -82,8 +82,9 @@ options:
   -o nofetchahead       O_DIRECT reads only read what they ask for
   -o readdirplus=auto (default)  a listing's first reply carries every entry's attributes (the
                         kernel instantiates the inodes, so `ls -l` needs no lookups); later replies
-                        carry only names, inode numbers and types, unless the directory had lookups
-                        since (the kernel's own adaptive rule, which pyfuse3 switches off)
+                        carry only names, inode numbers and types, unless names of the directory
+                        were looked up since (then the rest of that listing is full): the kernel's
+                        own adaptive rule, which pyfuse3 switches off
   -o readdirplus=yes    every reply carries attributes        -o readdirplus=no   none does
   -o fastwait (default)  take the next FUSE request without a scheduler round trip when one is
                         already queued (see sovfs/_fastloop.py)     -o nofastwait: pyfuse3's own wait

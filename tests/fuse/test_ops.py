@@ -15,7 +15,7 @@ from sovfs._dirent_reply import LayoutUnknown, NameOnlyEntry  # noqa: E402
 from sovfs.errors import Corrupt  # noqa: E402
 from sovfs.format import ROOT_INO  # noqa: E402
 from sovfs.fs import FileSystem  # noqa: E402
-from sovfs.fuse_ops import SovOps  # noqa: E402
+from sovfs.fuse_ops import Handle, SovOps  # noqa: E402
 from tests.sovfs.conftest import fresh  # noqa: E402
 from tests.sovfs.ramdev import LIVE  # noqa: E402
 
@@ -183,37 +183,50 @@ async def test_readdirplus_auto_lists_names_only_after_the_first_reply_unless_ad
 ) -> None:
     d = (await ops.mkdir(R, b"d", 0o755, Ctx())).st_ino
     made = {}
-    for i in range(16):
+    for i in range(20):
         made[f"f{i:02d}".encode()] = (await ops.mknod(d, f"f{i:02d}".encode(), 0o100644, 0, Ctx())).st_ino
     made[b"sub"] = (await ops.mkdir(d, b"sub", 0o755, Ctx())).st_ino
     base = dict(ops.fs._lookups)
     got = _listing(monkeypatch, room=4)
-    fh = await ops.opendir(d, Ctx())
 
-    async def reply_from(cookie: int) -> list[tuple[bytes, int, int, int]]:
+    async def reply_from(fh: int, cookie: int) -> list[tuple[bytes, int, int, int]]:
         start = len(got)
         await ops.readdir(fh, cookie, [0])
         return got[start:]
 
-    first = await reply_from(0)  # a listing's first reply: full entries, node ids, lookups counted
-    assert [n for n, *_ in first[:2]] == [b".", b".."]
-    assert all(node == made[n] for n, node, _, _ in first[2:])
-    second = await reply_from(first[-1][3])  # a later reply: names only, node id 0, nothing counted
-    assert len(second) == 4 and all(node == 0 for _, node, _, _ in second)
+    def full(entries: list[tuple[bytes, int, int, int]]) -> bool:
+        return bool(entries) and all(node == made.get(n, node) != 0 for n, node, _, _ in entries)
+
+    def names_only(entries: list[tuple[bytes, int, int, int]]) -> bool:
+        return bool(entries) and all(node == 0 for _, node, _, _ in entries)
+
+    fh = await ops.opendir(d, Ctx())
+    first = await reply_from(fh, 0)  # a listing's first reply: full entries, lookups counted
+    assert [n for n, *_ in first[:2]] == [b".", b".."] and full(first)
+    second = await reply_from(fh, first[-1][3])  # later replies: names only, nothing counted
+    assert names_only(second)
     counted = {i: n - base.get(i, 0) for i, n in ops.fs._lookups.items() if n != base.get(i, 0)}
     assert counted == {made[n]: 1 for n, *_ in first[2:]}
-    await ops.lookup(d, b"f00", Ctx())  # lookups in the directory: the next reply is full again
-    third = await reply_from(second[-1][3])
-    assert all(node == made[n] for n, node, _, _ in third)
-    fourth = await reply_from(third[-1][3])  # the advice was used up
-    assert fourth and all(node == 0 for _, node, _, _ in fourth)
     assert await fuse_errno(ops.lookup(d, b"absent", Ctx())) == errno.ENOENT  # advises nothing
-    rest = await reply_from(fourth[-1][3])
-    assert rest and all(node == 0 for _, node, _, _ in rest)
+    third = await reply_from(fh, second[-1][3])
+    assert names_only(third)
+    await ops.lookup(d, b"f00", Ctx())  # the reader looks names up as it lists (ls -l) ...
+    fourth = await reply_from(fh, third[-1][3])
+    fifth = await reply_from(fh, fourth[-1][3])  # ... so the rest of this listing stays full
+    assert full(fourth) and full(fifth)
+    while rest := await reply_from(fh, got[-1][3]):  # to the end of the directory
+        assert full(rest)
     listed = [n for n, *_ in got[2:]]
-    assert sorted(listed) == sorted(made) and len(rest) <= 4  # every name once, in cookie order
+    assert sorted(listed) == sorted(made)  # every name once
     types = {n: t for n, _, t, _ in got}
     assert types[b"sub"] == 4 and types[b"f00"] == 8 and types[b"."] == types[b".."] == 4
+    await ops.releasedir(fh)
+
+    # Another listing starts over, and takes the advice left before it with its first reply.
+    await ops.lookup(d, b"f01", Ctx())
+    fh = await ops.opendir(d, Ctx())
+    again = await reply_from(fh, 0)
+    assert full(again) and names_only(await reply_from(fh, again[-1][3]))
     await ops.releasedir(fh)
 
 
@@ -257,7 +270,8 @@ def test_an_unrecognised_entry_layout_means_full_entries(
     with caplog.at_level(logging.WARNING, logger="sovfs.fuse"):
         fallback = SovOps(ops.fs)
     assert "readdirplus=yes" in caplog.text
-    assert fallback._plus(R, 0) and fallback._plus(R, 12345)  # every reply full, never wrong
+    h = Handle(R, os.O_RDONLY | os.O_DIRECTORY)
+    assert fallback._plus(h, 0) and fallback._plus(h, 12345)  # every reply full, never wrong
 
 
 async def test_replies_are_reused_while_the_inode_is_unchanged_and_rebuilt_after_any_change(
