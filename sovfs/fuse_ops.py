@@ -141,7 +141,7 @@ class SovOps(pyfuse3.Operations):
         if readdirplus not in ("auto", "yes", "no"):
             raise ValueError(f"readdirplus={readdirplus!r}: auto, yes or no")
         self.readdirplus = readdirplus
-        self._plus_advised: set[int] = set()  # directories with lookups since their last listing
+        self._plus_advised: set[int] = set()  # directories with lookups since their last listing reply
         self._name_only: NameOnlyEntry | None = None
         if readdirplus != "yes":
             try:

@@ -207,7 +207,9 @@ def _apply(o: MountOptions, opt: str) -> None:
         o.write_behind = name == "writebehind"
     elif name in ("fetchahead", "nofetchahead"):
         o.fetch_ahead = name == "fetchahead"
-    elif name == "readdirplus" and value in ("auto", "yes", "no"):
+    elif name == "readdirplus":
+        if value not in ("auto", "yes", "no"):
+            raise UsageError(f"option {opt!r}: readdirplus=auto, readdirplus=yes or readdirplus=no")
         o.readdirplus = value
     elif name in ("fastwait", "nofastwait"):
         o.fastwait = name == "fastwait"

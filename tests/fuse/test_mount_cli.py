@@ -38,6 +38,8 @@ def test_parse_args_mount8_convention() -> None:
     assert not parse_args(["a", "b", "-o", "nofetchahead"]).fetch_ahead
     assert parse_args(["a", "b"]).fastwait
     assert not parse_args(["a", "b", "-o", "nofastwait"]).fastwait
+    assert parse_args(["a", "b"]).readdirplus == "auto"
+    assert parse_args(["a", "b", "-o", "readdirplus=no,readdirplus=yes"]).readdirplus == "yes"
     assert parse_args(["a", "b"]).reqspin_us == 50
     assert parse_args(["a", "b", "-o", "reqspin=0"]).reqspin_us == 0
     assert "default_permissions" not in parse_args(["a", "b", "-o", "nodefault_permissions"]).fuse_options()
@@ -45,7 +47,8 @@ def test_parse_args_mount8_convention() -> None:
     last = parse_args(["a", "b", "-o", "nodefault_permissions,default_permissions"])
     assert "default_permissions" in last.fuse_options()
     for bad in (["a"], ["a", "b", "-o", "frobnicate"], ["a", "b", "-o"], ["a", "b", "-o", "commit=x"],
-                ["a", "b", "-o", "reqspin=x"], ["a", "b", "-q"]):
+                ["a", "b", "-o", "reqspin=x"], ["a", "b", "-q"], ["a", "b", "-o", "readdirplus"],
+                ["a", "b", "-o", "readdirplus=maybe"]):
         with pytest.raises(UsageError):
             parse_args(bad)
 
