@@ -119,9 +119,10 @@ class SovOps(pyfuse3.Operations):
         writeback_cache: request the kernel's writeback cache (FUSE_CAP_WRITEBACK_CACHE).
         check_permissions: apply the POSIX permission rules here, for a mount without the kernel's
             ``default_permissions`` (see :meth:`_caller`).
-        readdirplus: which listings carry each entry's attributes: ``auto`` (the kernel's adaptive
-            rule: a listing's first reply, and replies after lookups in the directory), ``yes``
-            (every reply: pyfuse3's behaviour) or ``no`` (none: names, inode numbers and types).
+        readdirplus: which listing replies carry each entry's attributes: ``auto`` (the kernel's
+            adaptive rule: a listing's first reply, and the rest of a listing once names of the
+            directory are looked up between its replies; see :meth:`_plus`), ``yes`` (every
+            reply: pyfuse3's behaviour) or ``no`` (none: names, inode numbers and types).
     """
 
     supports_dot_lookup = True
