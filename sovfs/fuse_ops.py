@@ -432,23 +432,21 @@ class SovOps(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         h = self._handle(fh)
         ino = h.ino
+        added: list[int] = []  # lookups to count: full entries the kernel will get, except . and ..
         name_only = self._name_only
         if name_only is not None and not self._plus(h, start_id):
             name_only.reply(token, self.fs.readdir_names(ino, start_id))
-            if start_id == 0:
-                self.fs.accessed(ino, self.atime)
-            return
-        reply, entry = pyfuse3.readdir_reply, self._entry
-        if h.no_search:
-            # Entries that expire at once: the kernel caches nothing that would spare the next path
-            # walk through them the LOOKUP (and its search-permission check) of a name.
-            entry = self._expired_entry
-        added: list[int] = []  # lookups to count: entries the kernel will get, except . and ..
-        for name, a, cookie in self.fs.readdir_plus(ino, start_id):
-            if not reply(token, name, entry(a), cookie):
-                break
-            if name != b"." and name != b"..":
-                added.append(a.ino)
+        else:
+            reply, entry = pyfuse3.readdir_reply, self._entry
+            if h.no_search:
+                # Entries that expire at once: the kernel caches nothing that would spare the next
+                # path walk through them the LOOKUP (and its search-permission check) of a name.
+                entry = self._expired_entry
+            for name, a, cookie in self.fs.readdir_plus(ino, start_id):
+                if not reply(token, name, entry(a), cookie):
+                    break
+                if name != b"." and name != b"..":
+                    added.append(a.ino)
         if start_id == 0:
             self.fs.accessed(ino, self.atime)
         # Counted last, once nothing can fail any more: if a later entry (or the atime update)
