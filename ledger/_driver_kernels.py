@@ -96,6 +96,12 @@ E_USED_NOT_HEAD = 2  # used id is not a head in flight
 E_USED_IDX_JUMP = 3  # used idx moved by more than the requests in flight
 E_NO_STATUS = 4  # device completed a request without writing its status byte
 
+# --- what a trapped run returns (ledger._trap_kernel.run_trapped; Engine.run_trapped reads them)
+RT_DEVICE_ERROR = -1  # the harvest found the device breaking the protocol (q[Q_ERROR])
+RT_NOTIFY = -2  # published; the device may not serve now: write QueueNotify through the registers
+RT_NO_ROOM = -3  # nothing published: no free descriptors
+RT_NO_KICK = -4  # published; the device asked for no notification
+
 STATUS_UNSET = 0xFF  # sentinel written before submission: a real status is 0, 1 or 2
 
 NEXT = np.uint16(1)

@@ -169,7 +169,14 @@ class Batch:
 class Engine:
     """Staging, groups, buffers and completion dispatch over a driver's queues."""
 
-    def __init__(self, driver: VirtioBlkDriver, *, pool_bytes: int = 32 << 20, staging: int = 8192) -> None:
+    def __init__(
+        self,
+        driver: VirtioBlkDriver,
+        *,
+        pool_bytes: int = 32 << 20,
+        staging: int = 8192,
+        trap_runner: Callable[..., int] | None = None,
+    ) -> None:
         if not driver.queues:
             raise DriverError("driver has no queues (was it reset?)")
         self.driver = driver
@@ -208,6 +215,12 @@ class Engine:
             self._routes[True] = trapped
             self._routes[False] = workers
         self._rr_route: dict[bool | None, int] = {None: 0, True: 0, False: 0}
+        #: the fused publish-serve-harvest kernel for lone requests on trapped queues
+        #: (``ledger._trap_kernel.run_trapped``, given by ``Ledger``: the driver never imports the
+        #: device's kernels); None: every request goes through the registers
+        self._trap_runner = trap_runner
+        # queue index -> (gate, serve_queue arguments) from the device (run_trapped)
+        self._trap_targets: dict[int, tuple[npt.NDArray[np.int64], tuple[object, ...]] | None] = {}
         self.broken: DeviceError | None = None
         #: called when a group is released (a front end waiting for room wakes up)
         self.on_space: Callable[[], None] | None = None
@@ -318,6 +331,59 @@ class Engine:
         elif route is not None:
             total += self.flush()  # the preferred queues are full: any queue will do
         return total
+
+    def run_trapped(self, g: int, rtype: int, sector: int, buf: int, nbytes: int) -> int:
+        """Run one request, all of group ``g``, on an idle trapped queue in one kernel call.
+
+        The fast path of a lone request (ledger._trap_kernel): it is published, served by the
+        device and harvested before this returns, with none of the register file's Python
+        between.  Returns 1 when it was: the group is complete and its callback was NOT run (the
+        caller releases it).  Returns 0 when the request was published but went the usual way
+        (the device must be notified through its registers, or could not serve it): it completes
+        through the group's callback.  Returns -1 when the fast path does not apply (something is
+        staged, no trapped queue is idle, the device offers no trap target): nothing was done.
+        """
+        run = self._trap_runner
+        if run is None or self.st_head != self.st_count or self.broken is not None:
+            return -1  # (staged requests of others would be published after ours)
+        for q in self.trapped:
+            if q.q[K.Q_INFLIGHT]:
+                continue
+            target = self._trap_targets.get(q.index)
+            if target is None or not target[0][0]:
+                target = self._trap_target(q)
+                if target is None:
+                    continue
+            qs = q.state
+            self.st_head = self.st_count = 0
+            r = run(
+                self.mem, qs.q, qs.free_next, qs.chain_next, qs.head_ndesc, qs.head_group, qs.head_gidx,
+                qs.kick_buf, self.st_rtype, self.st_sector, self.st_buf, self.st_nbytes, self.st_group,
+                self.st_gidx, 0, rtype, sector, buf, nbytes, g, self.grp_remaining, self.grp_err_status,
+                self.grp_err_idx, self.grp_bytes, self.out_groups, target[0], *target[1],
+            )  # fmt: skip
+            if r == 1 and self.out_groups[0] == g:
+                return 1
+            if r == K.RT_NO_ROOM:
+                continue
+            if r == K.RT_NOTIFY:
+                self.driver.transport.write32(S.VIRTIO_MMIO_QUEUE_NOTIFY, q.index)
+                self.harvest(q)
+            elif r == K.RT_DEVICE_ERROR:
+                self.fail(DeviceError(f"queue {q.index}: " + _queue_error(q)))
+            else:
+                for done in self.out_groups[: max(r, 0)].tolist():
+                    cb = self.on_done[done]
+                    if cb is not None:
+                        cb(done)
+            return 0
+        return -1
+
+    def _trap_target(self, q: DriverQueue) -> tuple[npt.NDArray[np.int64], tuple[object, ...]] | None:
+        get = getattr(self.driver.transport, "trap_target", None)
+        target = None if get is None else get(q.index)
+        self._trap_targets[q.index] = target
+        return target
 
     def harvest(self, q: DriverQueue) -> int:
         """Consume q's used entries and run the callbacks of completed groups."""
@@ -547,6 +613,14 @@ class SyncBlk:
         g = e.new_group(len(reqs), self._mark)
         if g is None:
             raise DriverError("internal: out of request groups")
+        if len(reqs) == 1 and e.trapped and not _large_write(reqs):
+            # A lone request: served on this thread in one kernel call (Engine.run_trapped).
+            t, sector, buf, nbytes = reqs[0]
+            took = e.run_trapped(g, t, sector, buf, nbytes)
+            if took >= 0:
+                if took == 0:
+                    self._wait(g)
+                return g
         if e.staging_room() < len(reqs):
             e.flush()
         for i, (t, sector, buf, nbytes) in enumerate(reqs):
@@ -823,17 +897,17 @@ class TrioBlk:
         g = e.new_group(n, self._mark)
         assert g is not None  # checked above, and nothing awaited since
         self._waiters[g] = None
-        if isinstance(reqs, Batch):
-            e.stage_batch(reqs, g)
-        else:
-            for i, (t, sector, buf, nbytes) in enumerate(reqs):
-                e.stage(t, sector, buf, nbytes, g, i)
         self._active += 1
         try:
-            if not self._flush_pending:
-                if self._active > 1:
+            if self._flush_pending:
+                # Another task yielded before flushing: its flush publishes ours too.
+                self._stage(reqs, g)
+            else:
+                staged = self._active > 1
+                if staged:
                     # Other tasks use the ledger: yield once so that those runnable
                     # now stage their requests too; one kernel call publishes them all.
+                    self._stage(reqs, g)
                     self._flush_pending = True
                     await trio.lowlevel.cancel_shielded_checkpoint()
                     self._flush_pending = False
@@ -846,12 +920,24 @@ class TrioBlk:
                 alone = self._alone()
                 self._alone_run = self._alone_run + 1 if alone else 0
                 serial = self._alone_run >= ALONE_RUN_TO_TRAP
-                e.flush((n == 1 or None) if serial else False)
-                if serial and n == 1:
-                    # Served during the notify: the completion is in a trapped queue's used ring.
-                    for q in e.trapped:
-                        if q.inflight:
-                            self._reap(q)
+                took = -1
+                if serial and n == 1 and not staged and not isinstance(reqs, Batch):
+                    # Nothing of ours is staged yet: one kernel call publishes, serves and
+                    # harvests it (Engine.run_trapped).
+                    t, sector, buf, nbytes = reqs[0]
+                    took = e.run_trapped(g, t, sector, buf, nbytes)
+                    if took == 1:
+                        del self._waiters[g]
+                        return g
+                if took < 0:
+                    if not staged:
+                        self._stage(reqs, g)
+                    e.flush((n == 1 or None) if serial else False)
+                    if serial and n == 1:
+                        # Served during the notify: the completion is in a trapped queue's used ring.
+                        for q in e.trapped:
+                            if q.inflight:
+                                self._reap(q)
                 # The flushing task polls for the completions itself (its own and
                 # those of the requests it published for others) instead of paying
                 # two task switches through the reaper, while polling pays (PollWindow).
@@ -870,6 +956,13 @@ class TrioBlk:
         finally:
             self._active -= 1
         return g
+
+    def _stage(self, reqs: Sequence[tuple[int, int, int, int]] | Batch, g: int) -> None:
+        if isinstance(reqs, Batch):
+            self.e.stage_batch(reqs, g)
+        else:
+            for i, (t, sector, buf, nbytes) in enumerate(reqs):
+                self.e.stage(t, sector, buf, nbytes, g, i)
 
     def _alone(self) -> bool:
         """One request group in flight and no other work queued for this thread (PollWindow)."""

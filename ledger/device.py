@@ -119,9 +119,15 @@ class _Queue:
     diag_pos: int = 0
     params: npt.NDArray[np.int64] | None = None
     thread: threading.Thread | None = None
+    #: 1 while a notify of this (trapped) queue would be served: read by ``ledger._trap_kernel``
+    gate: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(1, np.int64))
 
     def forget(self) -> None:
         """Reset values of the queue registers (§4.2.2) and a fresh ring state."""
+        # Whoever holds the old gate (a driver's cached trap target, with the old ring state)
+        # sees it shut for good; a new one opens at the next DRIVER_OK.
+        self.gate[0] = 0
+        self.gate = np.zeros(1, np.int64)
         self.num = self.ready = self.desc = self.driver = self.device = 0
         self.ctl = np.zeros(K.C_SIZE, np.int64)
         self.params = None
@@ -240,6 +246,8 @@ class VirtioBlkDevice:
         with self._lock:
             if self._closed:
                 return
+            for q in self._queues:
+                q.gate[0] = 0
             self._stop_workers()
             self.collect_diagnostics()
             self._closed = True
@@ -539,6 +547,25 @@ class VirtioBlkDevice:
         else:
             os.eventfd_write(self._queues[qi].kick_fd, 1)
 
+    def trap_target(self, qi: int) -> tuple[npt.NDArray[np.int64], tuple[Any, ...]] | None:
+        """What a driver needs to serve a trapped notify of queue ``qi`` in its own kernel call.
+
+        Returns ``(gate, serve_queue arguments)``, or None unless ``qi`` is a trapped queue that a
+        notify would serve now.  ``ledger._trap_kernel.run_trapped`` calls ``serve_queue`` only
+        while ``gate[0]`` is 1 and DEVICE_NEEDS_RESET is clear - the checks of a QueueNotify
+        write - and otherwise hands the notify back to the register path.  The gate shuts for
+        good on reset and close (a later DRIVER_OK opens a new one, with new arguments).  Like
+        every trapped notify, the call must come from the thread that drives the device, never
+        concurrently with its reset or close.
+        """
+        with self._lock:
+            if self._closed or not 0 <= qi < self.num_queues or not self.trapped[qi]:
+                return None
+            q = self._queues[qi]
+            if not (q.gate[0] and self._machine.live and q.ready and q.params is not None):
+                return None
+            return q.gate, self.kernel_args(qi)
+
     # --- status and workers ------------------------------------------------------
     def _write_status(self, val: int) -> None:
         m = self._machine
@@ -550,6 +577,9 @@ class VirtioBlkDevice:
             self._refuse(code, text)
         if out.start:
             self._start_workers()
+        live = m.live
+        for i, q in enumerate(self._queues):
+            q.gate[0] = 1 if live and self.trapped[i] and q.ready and q.params is not None else 0
 
     def reset(self) -> None:
         """Device reset (Status <- 0): drain and stop workers, forget rings, features and interrupts."""
