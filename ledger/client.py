@@ -166,6 +166,10 @@ class Batch:
         )
 
 
+#: (the device's gate, run_trapped's arguments before the request, and after it)
+_TrapCall = tuple[npt.NDArray[np.int64], tuple[object, ...], tuple[object, ...]]
+
+
 class Engine:
     """Staging, groups, buffers and completion dispatch over a driver's queues."""
 
@@ -220,7 +224,7 @@ class Engine:
         #: device's kernels); None: every request goes through the registers
         self._trap_runner = trap_runner
         # queue index -> (gate, serve_queue arguments) from the device (run_trapped)
-        self._trap_targets: dict[int, tuple[npt.NDArray[np.int64], tuple[object, ...]] | None] = {}
+        self._trap_targets: dict[int, _TrapCall | None] = {}
         self.broken: DeviceError | None = None
         #: called when a group is released (a front end waiting for room wakes up)
         self.on_space: Callable[[], None] | None = None
@@ -354,14 +358,8 @@ class Engine:
                 target = self._trap_target(q)
                 if target is None:
                     continue
-            qs = q.state
             self.st_head = self.st_count = 0
-            r = run(
-                self.mem, qs.q, qs.free_next, qs.chain_next, qs.head_ndesc, qs.head_group, qs.head_gidx,
-                qs.kick_buf, self.st_rtype, self.st_sector, self.st_buf, self.st_nbytes, self.st_group,
-                self.st_gidx, 0, rtype, sector, buf, nbytes, g, self.grp_remaining, self.grp_err_status,
-                self.grp_err_idx, self.grp_bytes, self.out_groups, target[0], *target[1],
-            )  # fmt: skip
+            r = run(*target[1], rtype, sector, buf, nbytes, g, *target[2])
             if r == 1 and self.out_groups[0] == g:
                 return 1
             if r == K.RT_NO_ROOM:
@@ -379,11 +377,27 @@ class Engine:
             return 0
         return -1
 
-    def _trap_target(self, q: DriverQueue) -> tuple[npt.NDArray[np.int64], tuple[object, ...]] | None:
+    def _trap_target(self, q: DriverQueue) -> _TrapCall | None:
+        """The device's gate for ``q`` and run_trapped's arguments around the request (built once
+        per gate: every array in them lives as long as the engine and the device's queue)."""
         get = getattr(self.driver.transport, "trap_target", None)
         target = None if get is None else get(q.index)
-        self._trap_targets[q.index] = target
-        return target
+        call: _TrapCall | None = None
+        if target is not None:
+            gate, dev_args = target
+            qs = q.state
+            head = (
+                self.mem, qs.q, qs.free_next, qs.chain_next, qs.head_ndesc, qs.head_group, qs.head_gidx,
+                qs.kick_buf, self.st_rtype, self.st_sector, self.st_buf, self.st_nbytes, self.st_group,
+                self.st_gidx, 0,
+            )  # fmt: skip
+            tail = (
+                self.grp_remaining, self.grp_err_status, self.grp_err_idx, self.grp_bytes, self.out_groups,
+                gate, *dev_args,
+            )  # fmt: skip
+            call = (gate, head, tail)
+        self._trap_targets[q.index] = call
+        return call
 
     def harvest(self, q: DriverQueue) -> int:
         """Consume q's used entries and run the callbacks of completed groups."""
