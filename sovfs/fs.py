@@ -188,6 +188,16 @@ READAHEAD_DEPTH = 3
 #: operation, so that a file rewritten after a large delete reuses the space (``short_of_space``).
 PENDING_COMMIT_BYTES = 64 << 20
 
+#: Linux's CLOCK_REALTIME_COARSE (the time at the last kernel tick; the time module has no name for
+#: it).  A data write updates mtime and ctime at most once per tick - see :meth:`FileSystem.write`.
+_CLOCK_COARSE = 5
+_TICK_NS = max(1, round(time.clock_getres(_CLOCK_COARSE) * 1e9))
+
+
+def _tick_ns() -> int:
+    """The start of the current timestamp tick (the kernel's coarse clock)."""
+    return time.clock_gettime_ns(_CLOCK_COARSE)
+
 
 @dataclass(eq=False)
 class _ReadAhead:
@@ -1274,12 +1284,26 @@ class FileSystem:
         n = len(memoryview(data).cast("B"))
         if offset + n > MAX_LOGICAL_BLOCKS * self.bs:
             raise FileTooBig_()
-        now = time.time_ns()
         with self.journal.op() as tx:
             self._data_writes += 1
+            size = rec.inode.size
             self.inodes.write(tx, rec, offset, data)
-            self._touch(rec, now)
-            self.inodes.put(tx, rec)
+            # Timestamps have the granularity of the kernel's clock tick for data writes, as the
+            # Linux VFS gives them (file_update_time with coarse timestamps): an overwrite whose
+            # mtime and ctime were already set during the current tick changes no metadata at all,
+            # so a burst of random overwrites does not pack, checksum and journal the inode each
+            # time.  Anything else - a new block, a longer file, stamps from an earlier tick or set
+            # by hand to another time - updates them to the exact time now.
+            i = rec.inode
+            tick = _tick_ns()
+            if (
+                rec.map_dirty
+                or i.size != size
+                or not tick <= i.mtime_ns < tick + _TICK_NS
+                or not tick <= i.ctime_ns < tick + _TICK_NS
+            ):
+                self._touch(rec, max(time.time_ns(), tick))
+                self.inodes.put(tx, rec)
         return n
 
     def truncate(self, ino: int, size: int) -> Attr:

@@ -373,3 +373,68 @@ def test_overwrites_of_written_blocks_match_a_model_and_allocate_nothing() -> No
     assert fs.read(ino, 0, 40 * bs) == bytes(model)
     assert fs.statfs().free_blocks == free
     fs.close()
+
+
+def test_overwrites_within_one_clock_tick_change_no_metadata(
+    dev_fs: tuple[RamLedgerDevice, FileSystem], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Data writes stamp mtime/ctime with the kernel clock tick's granularity (as the Linux VFS does):
+    an overwrite whose stamps were set during the current tick leaves the inode alone - nothing to
+    journal - while a new block, a longer file, an earlier tick or stamps set by hand update them."""
+    import sovfs.fs as fsmod
+
+    dev, fs = dev_fs
+    a = fs.create(R, b"f", 0o644)
+    fs.write(a.ino, 0, os.urandom(3 * 4096))  # allocates: stamped now
+    first = fs.getattr(a.ino)
+    tick = first.mtime_ns  # the current tick began exactly at the stamp
+    monkeypatch.setattr(fsmod, "_tick_ns", lambda: tick)
+    fs.sync()
+    assert not fs.journal.dirty
+    fs.write(a.ino, 4096, b"x" * 4096)  # overwrite, same tick
+    assert not fs.journal.dirty
+    same = fs.getattr(a.ino)
+    assert (same.mtime_ns, same.ctime_ns, same.size) == (first.mtime_ns, first.ctime_ns, 3 * 4096)
+    assert fs.read(a.ino, 4096, 4096) == b"x" * 4096
+
+    fs.write(a.ino, 3 * 4096, b"y" * 100)  # longer file, same tick: size and stamps are stored
+    assert fs.journal.dirty and fs.getattr(a.ino).size == 3 * 4096 + 100
+
+    tick += 10 * fsmod._TICK_NS  # a later tick: the next overwrite stamps the time now
+    fs.sync()
+    fs.write(a.ino, 0, b"z" * 4096)
+    later = fs.getattr(a.ino)
+    assert later.mtime_ns >= tick and later.ctime_ns == later.mtime_ns and fs.journal.dirty
+
+    # stamps set by hand to another time are not "current", even if they lie in the future
+    future = tick + 86400 * 10**9
+    fs.setattr(a.ino, mtime_ns=future)
+    fs.write(a.ino, 0, b"w" * 4096)
+    assert fs.getattr(a.ino).mtime_ns < future
+
+    fs2 = remount(dev, fs)
+    b = fs2.lookup(R, b"f")
+    assert fs2.read(b.ino, 0, 2 * 4096) == b"w" * 4096 + b"x" * 4096
+    assert b.mtime_ns < future and b.size == 3 * 4096 + 100
+    fs2.close()
+
+
+def test_a_write_never_moves_ctime_backwards(fs: FileSystem, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tick check looks at both stamps as stored: after a chmod (exact ctime), a write in the
+    same tick leaves them; one whose mtime is older than the tick stamps the time now, never
+    earlier than the chmod's ctime."""
+    import sovfs.fs as fsmod
+
+    monkeypatch.setattr(fsmod, "_TICK_NS", 60 * 10**9)  # a long tick: no race with a slow machine
+    a = fs.create(R, b"g", 0o644)
+    m = fs.write(a.ino, 0, b"a" * 4096) and fs.getattr(a.ino).mtime_ns
+    c = fs.setattr(a.ino, mode=0o600).ctime_ns
+    assert m <= c < m + fsmod._TICK_NS
+    monkeypatch.setattr(fsmod, "_tick_ns", lambda: m)  # both stamps in the current tick
+    fs.write(a.ino, 0, b"b" * 4096)
+    got = fs.getattr(a.ino)
+    assert (got.mtime_ns, got.ctime_ns) == (m, c)
+    monkeypatch.setattr(fsmod, "_tick_ns", lambda: m + 1)  # mtime is from before this tick
+    fs.write(a.ino, 0, b"c" * 4096)
+    got = fs.getattr(a.ino)
+    assert got.ctime_ns >= c and got.mtime_ns == got.ctime_ns
