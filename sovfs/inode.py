@@ -5,8 +5,11 @@ Theory of operation
 :class:`InodeStore` owns the in-memory copies of inodes (``InodeRec``: the decoded :class:`Inode`, its
 sorted extent list and the extent-tree blocks it occupies).  Changes are made to the record and written
 back by :meth:`InodeStore.put` inside a transaction; the extent tree of a record whose map changed is
-rebuilt once, just before commit (``tx.before_commit``), so a write of many extents costs one tree
-rewrite.
+written once per operation, just before it ends (``tx.before_commit``), and only where it changed: each
+map change names the logical range of the extents it touched, and only the leaves holding that range
+are rewritten (split at 3/4 when full, dropped when empty), with the index levels above them when a
+leaf's first extent or the set of leaves changed.  A write into a hole of a file with thousands of
+extents costs one leaf, not the whole tree.
 
 File I/O: :meth:`read` maps the byte range to extents and issues ONE ``preadv`` for all mapped runs;
 :meth:`write` allocates holes as large contiguous runs near the previous extent (goal-directed), reads at
@@ -14,7 +17,9 @@ most the partial head and tail blocks (one ``preadv``), and writes the data with
 metadata commits (ordered data).  Holes read as zeros and store nothing.
 
 Invariants: extents sorted, non-overlapping, lengths ≥ 1, logical end ≤ 2^32; ``inode.blocks`` equals
-data blocks + tree blocks + xattr block; a record dirtied in an aborted transaction is dropped.
+data blocks + tree blocks + xattr block; ``leaves`` partitions the extents by key and matches the tree
+blocks of the running transaction (once the operation's flush ran); a record dirtied in an aborted
+transaction is dropped (and re-read, leaves included, from the restored blocks).
 """
 
 from __future__ import annotations
@@ -26,12 +31,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from sovfs.alloc import BitmapAllocator
 from sovfs.blockdev import Buffer
 from sovfs.cache import BufferCache
 from sovfs.errors import Corrupt, FileTooBig, NoSpace
 from sovfs.format import (
     EXT_UNWRITTEN,
+    EXTENT,
     EXTENT_NODE_HDR,
     EXTENT_NODE_OFF,
     EXTENT_SIZE,
@@ -101,6 +109,19 @@ class InodeRec:
     extents: list[Extent] = field(default_factory=list)
     tree_blocks: list[int] = field(default_factory=list)
     map_dirty: bool = False
+    #: The extent tree's leaves as they are on disk (or in the running transaction), in order:
+    #: ``[key, block, first]``, where leaf *j* holds the extents whose ``logical`` lies in
+    #: ``[key_j, key_j+1)`` (``key_0`` is 0) and ``first`` is its first extent's ``logical`` (its
+    #: index entry).  Empty while the extents are inline in the inode.
+    leaves: list[list[int]] = field(default_factory=list)
+    #: The tree's index node blocks (every level above the leaves), and the (first, block) of
+    #: every leaf they were written for: unchanged leaves need no index rewrite.
+    index_blocks: list[int] = field(default_factory=list)
+    index_of: list[tuple[int, int]] = field(default_factory=list)
+    #: The logical range ``[lo, hi)`` holding every extent changed since the tree was last written
+    #: (``lo > hi``: unknown - the next flush rebuilds the whole tree).
+    dirty_lo: int = 0
+    dirty_hi: int = -1
     #: Bumped with every change to the file's data, block map or size: read-ahead chunks of this
     #: file are current while it is unchanged (an abort drops the records, so a new one starts over).
     data_version: int = 0
@@ -252,6 +273,9 @@ class InodeStore:
             for i in range(ino.ext_count):
                 ix = ExtentIndex.unpack(area, i * EXTENT_SIZE)
                 self._load_node(rec, ix.child, ino.ext_depth - 1)
+            if rec.leaves:
+                rec.leaves[0][0] = 0
+                rec.index_of = [(first, bno) for _, bno, first in rec.leaves]
         prev_end = 0
         for e in rec.extents:
             if e.length == 0 or e.logical < prev_end or e.end > MAX_LOGICAL_BLOCKS:
@@ -268,6 +292,11 @@ class InodeStore:
         if d != depth or count > extent_node_capacity(self.bs) or count == 0:
             raise Corrupt(f"block {bno}: extent node depth {d} count {count} (expected depth {depth})")
         rec.tree_blocks.append(bno)
+        if depth == 0:
+            first = EXTENT.unpack_from(buf.data, EXTENT_NODE_OFF)[0]
+            rec.leaves.append([first, bno, first])
+        else:
+            rec.index_blocks.append(bno)
         for i in range(count):
             off = EXTENT_NODE_OFF + i * EXTENT_SIZE
             if depth == 0:
@@ -276,57 +305,193 @@ class InodeStore:
                 self._load_node(rec, ExtentIndex.unpack(buf.data, off).child, depth - 1)
 
     def _flush_map(self, tx: Transaction, rec: InodeRec) -> None:
-        """Rebuild the extent tree of ``rec`` from its extent list (FORMAT.md §5.2)."""
+        """Write the extent tree of ``rec`` from its extent list (FORMAT.md §5.2).
+
+        Only what changed is written: the leaves whose key range holds the changed extents
+        (``dirty_lo``/``dirty_hi``), split when one overflows, dropped when one empties, and the
+        index levels above them (a few blocks: one index entry per leaf).  Rewriting every leaf
+        instead made each allocating write cost time in proportion to the file's extent count:
+        random 4 KiB writes into a sparse file took 2.4 ms each by 8,000 extents.  The whole tree
+        is packed from scratch when the leaves are unknown (the extents were inline, or a change
+        did not say where it was).
+        """
         if not rec.map_dirty or self._recs.get(rec.ino) is not rec:
             return
         rec.map_dirty = False
+        lo, hi = rec.dirty_lo, rec.dirty_hi
+        rec.dirty_lo, rec.dirty_hi = 0, -1
         ino = rec.inode
         exts = rec.extents
-        cap = extent_node_capacity(self.bs)
-        old = list(rec.tree_blocks)
         if len(exts) <= INLINE_EXTENTS:
-            level: list[bytes] = [e.pack() for e in exts]
-            depth = 0
-            new_blocks: list[int] = []
+            for b in rec.tree_blocks:
+                self._free_tree_block(tx, rec, b)
+            rec.tree_blocks, rec.leaves, rec.index_blocks, rec.index_of = [], [], [], []
+            ino.ext_depth = 0
+            ino.ext_count = len(exts)
+            ino.flags &= ~1
+            ino.area = b"".join(e.pack() for e in exts).ljust(INODE_AREA_SIZE, b"\0")
+            self._write_slot(tx, rec)
+            return
+        if rec.leaves and lo <= hi:
+            self._update_leaves(tx, rec, lo, hi)
         else:
-            # Pack leaves, then index levels, until the root fits in the inode.
-            new_blocks = []
-            entries: list[tuple[int, bytes]] = [(e.logical, e.pack()) for e in exts]
-            depth = 0
-            while len(entries) > INLINE_EXTENTS:
-                nxt: list[tuple[int, bytes]] = []
-                for i in range(0, len(entries), cap):
-                    chunk = entries[i : i + cap]
-                    if old:
-                        bno = old.pop(0)
-                    else:
-                        goal = new_blocks[-1] + 1 if new_blocks else (exts[0].physical if exts else 0)
-                        bno = self.blocks.alloc_one(tx, goal)
-                        ino.blocks += 1
-                    new_blocks.append(bno)
-                    buf = self.cache.new(bno)
-                    init_block(buf.data, BlockType.EXTENT_NODE, bno, rec.ino, ino.generation)
-                    EXTENT_NODE_HDR.pack_into(buf.data, 32, depth, len(chunk), cap, 0, 0)
-                    buf.data[EXTENT_NODE_OFF : EXTENT_NODE_OFF + EXTENT_SIZE * len(chunk)] = b"".join(
-                        c[1] for c in chunk
-                    )
-                    tx.dirty(buf)
-                    nxt.append((chunk[0][0], ExtentIndex(chunk[0][0], bno).pack()))
-                entries = nxt
-                depth += 1
-            level = [e[1] for e in entries]
-        for b in old:
-            self.blocks.release(tx, b)
-            self.cache.forget(b)
-            ino.blocks -= 1
-        rec.tree_blocks = new_blocks
-        ino.ext_depth = depth
-        ino.ext_count = len(level)
-        ino.flags &= ~1
-        ino.area = b"".join(level).ljust(INODE_AREA_SIZE, b"\0")
+            self._pack_leaves(tx, rec)
+        self._write_index(tx, rec)
+        rec.tree_blocks = [b for _, b, _ in rec.leaves] + rec.index_blocks
         self._write_slot(tx, rec)
 
-    def _mark_map(self, tx: Transaction, rec: InodeRec) -> None:
+    def _free_tree_block(self, tx: Transaction, rec: InodeRec, bno: int) -> None:
+        self.blocks.release(tx, bno)
+        self.cache.forget(bno)
+        rec.inode.blocks -= 1
+
+    def _new_tree_block(self, tx: Transaction, rec: InodeRec, goal: int) -> int:
+        bno = self.blocks.alloc_one(tx, goal)
+        rec.inode.blocks += 1
+        return bno
+
+    def _write_leaf(self, tx: Transaction, rec: InodeRec, bno: int, exts: Sequence[Extent]) -> None:
+        buf = self.cache.new(bno)
+        init_block(buf.data, BlockType.EXTENT_NODE, bno, rec.ino, rec.inode.generation)
+        cap = extent_node_capacity(self.bs)
+        EXTENT_NODE_HDR.pack_into(buf.data, 32, 0, len(exts), cap, 0, 0)
+        end = EXTENT_NODE_OFF + EXTENT_SIZE * len(exts)
+        buf.data[EXTENT_NODE_OFF:end] = b"".join(e.pack() for e in exts)
+        tx.dirty(buf)
+
+    def _pack_leaves(self, tx: Transaction, rec: InodeRec) -> None:
+        """Every extent into full leaves, reusing the record's old leaf blocks."""
+        exts = rec.extents
+        cap = extent_node_capacity(self.bs)
+        spare = [b for _, b, _ in rec.leaves] if rec.leaves else list(rec.tree_blocks)
+        if rec.leaves:
+            spare += rec.index_blocks
+        leaves: list[list[int]] = []
+        for i in range(0, len(exts), cap):
+            chunk = exts[i : i + cap]
+            if spare:
+                bno = spare.pop(0)
+            else:
+                bno = self._new_tree_block(tx, rec, leaves[-1][1] + 1 if leaves else exts[0].physical)
+            self._write_leaf(tx, rec, bno, chunk)
+            leaves.append([chunk[0].logical if leaves else 0, bno, chunk[0].logical])
+        rec.leaves = leaves
+        # what is left over of the old blocks serves the index levels first (_write_index)
+        rec.index_blocks = spare
+        rec.index_of = []
+
+    def _update_leaves(self, tx: Transaction, rec: InodeRec, lo: int, hi: int) -> None:
+        """Rewrite the leaves holding extents with ``logical`` in ``[lo, hi)`` (see _flush_map)."""
+        exts = rec.extents
+        leaves = rec.leaves
+        cap = extent_node_capacity(self.bs)
+        keys = [k for k, _, _ in leaves]
+        first = max(bisect.bisect_right(keys, lo) - 1, 0)
+        last = max(bisect.bisect_right(keys, hi - 1) - 1, first)
+        for j in range(last, first - 1, -1):  # from the right: splits and drops shift only later leaves
+            key, bno, _ = leaves[j]
+            s = bisect.bisect_left(exts, key, key=_LOGICAL) if j else 0
+            e = bisect.bisect_left(exts, leaves[j + 1][0], key=_LOGICAL) if j + 1 < len(leaves) else len(exts)
+            if s == e:
+                self._free_tree_block(tx, rec, bno)
+                del leaves[j]
+                if j == 0 and leaves:
+                    leaves[0][0] = 0
+                continue
+            if e - s <= cap:
+                if not self._splice_leaf(tx, rec, bno, exts, s, e, lo, hi):
+                    self._write_leaf(tx, rec, bno, exts[s:e])
+                leaves[j][2] = exts[s].logical
+                continue
+            # Overflow: split into pieces filled to at most 3/4, so that the next inserts fit.
+            pieces = -(-(e - s) // (cap * 3 // 4))
+            step = -(-(e - s) // pieces)
+            new: list[list[int]] = []
+            for k, p in enumerate(range(s, e, step)):
+                chunk = exts[p : min(p + step, e)]
+                b = bno if k == 0 else self._new_tree_block(tx, rec, new[-1][1] + 1)
+                self._write_leaf(tx, rec, b, chunk)
+                new.append([key if k == 0 else chunk[0].logical, b, chunk[0].logical])
+            leaves[j : j + 1] = new
+
+    def _splice_leaf(
+        self, tx: Transaction, rec: InodeRec, bno: int, exts: list[Extent], s: int, e: int, lo: int, hi: int
+    ) -> bool:
+        """Rewrite in place only the entries of leaf ``bno`` with ``logical`` in ``[lo, hi)``: its
+        new extents are ``exts[s:e]``, and those outside the range are the ones it holds already
+        (the bytes before the range stay, the ones after move).  False: the block is not what the
+        record expects; the caller writes it whole."""
+        buf = self.cache.read(bno, BlockType.EXTENT_NODE, rec.ino, rec.inode.generation)
+        data = buf.data
+        old = EXTENT_NODE_HDR.unpack_from(data, 32)[1]
+        logicals = np.frombuffer(data, dtype="<u4", count=old * 4, offset=EXTENT_NODE_OFF)[::4]
+        p = int(np.searchsorted(logicals, lo))
+        q = int(np.searchsorted(logicals, hi))
+        p_new = bisect.bisect_left(exts, lo, s, e, key=_LOGICAL) - s
+        q_new = bisect.bisect_left(exts, hi, s, e, key=_LOGICAL) - s
+        if p != p_new or old - q != (e - s) - q_new:
+            return False
+        at = EXTENT_NODE_OFF + EXTENT_SIZE * p
+        tail = bytes(data[EXTENT_NODE_OFF + EXTENT_SIZE * q : EXTENT_NODE_OFF + EXTENT_SIZE * old])
+        body = b"".join(x.pack() for x in exts[s + p : s + q_new]) + tail
+        data[at : at + len(body)] = body
+        end = EXTENT_NODE_OFF + EXTENT_SIZE * (e - s)
+        if e - s < old:
+            data[end : EXTENT_NODE_OFF + EXTENT_SIZE * old] = bytes(EXTENT_SIZE * (old - (e - s)))
+        EXTENT_NODE_HDR.pack_into(data, 32, 0, e - s, extent_node_capacity(self.bs), 0, 0)
+        tx.dirty(buf)
+        return True
+
+    def _write_index(self, tx: Transaction, rec: InodeRec) -> None:
+        """The index levels above ``rec.leaves`` and the root in the inode."""
+        ino = rec.inode
+        cap = extent_node_capacity(self.bs)
+        index_of = [(first, bno) for _, bno, first in rec.leaves]
+        if index_of == rec.index_of:
+            return  # the same leaves with the same first extents: index nodes and root stand
+        rec.index_of = index_of
+        spare = rec.index_blocks
+        used: list[int] = []
+        # the index entry carries the leaf's first extent (fsck checks the ranges against it)
+        entries = [(first, ExtentIndex(first, bno).pack()) for first, bno in index_of]
+        depth = 1
+        while len(entries) > INLINE_EXTENTS:
+            nxt: list[tuple[int, bytes]] = []
+            for i in range(0, len(entries), cap):
+                chunk = entries[i : i + cap]
+                if spare:
+                    bno = spare.pop(0)
+                else:
+                    goal = used[-1] + 1 if used else rec.leaves[-1][1] + 1
+                    bno = self._new_tree_block(tx, rec, goal)
+                used.append(bno)
+                buf = self.cache.new(bno)
+                init_block(buf.data, BlockType.EXTENT_NODE, bno, rec.ino, ino.generation)
+                EXTENT_NODE_HDR.pack_into(buf.data, 32, depth, len(chunk), cap, 0, 0)
+                buf.data[EXTENT_NODE_OFF : EXTENT_NODE_OFF + EXTENT_SIZE * len(chunk)] = b"".join(
+                    c[1] for c in chunk
+                )
+                tx.dirty(buf)
+                nxt.append((chunk[0][0], ExtentIndex(chunk[0][0], bno).pack()))
+            entries = nxt
+            depth += 1
+        for b in spare:
+            self._free_tree_block(tx, rec, b)
+        rec.index_blocks = used
+        ino.ext_depth = depth
+        ino.ext_count = len(entries)
+        ino.flags &= ~1
+        ino.area = b"".join(e[1] for e in entries).ljust(INODE_AREA_SIZE, b"\0")
+
+    def _mark_map(self, tx: Transaction, rec: InodeRec, lo: int = 0, hi: int = -1) -> None:
+        """The map changed; every changed extent (as it was and as it is) lies in ``[lo, hi)``.
+        Without a range the next flush rewrites the whole tree."""
+        if lo > hi:
+            rec.dirty_lo, rec.dirty_hi = 1, 0  # unknown from here until the flush
+        elif rec.dirty_lo <= rec.dirty_hi or not rec.map_dirty:
+            if rec.map_dirty:
+                lo, hi = min(lo, rec.dirty_lo), max(hi, rec.dirty_hi)
+            rec.dirty_lo, rec.dirty_hi = lo, hi
         if not rec.map_dirty:
             rec.map_dirty = True
             tx.before_commit(lambda: self._flush_map(tx, rec))
@@ -368,7 +533,8 @@ class InodeStore:
                 return e.physical + (lblock - e.logical)
         return None
 
-    def _insert_extent(self, rec: InodeRec, new: Extent) -> None:
+    def _insert_extent(self, rec: InodeRec, new: Extent) -> Extent:
+        """Insert ``new``, merged with the extents it continues; returns the extent as inserted."""
         exts = rec.extents
         i = bisect.bisect_left(rec.extents, new.logical, key=_LOGICAL)
         if i > 0:
@@ -385,6 +551,7 @@ class InodeStore:
                 new = Extent(new.logical, new.length + n.length, new.physical, new.flags)
                 del exts[i]
         exts.insert(i, new)
+        return new
 
     def allocate_range(
         self, tx: Transaction, rec: InodeRec, first: int, count: int
@@ -395,6 +562,7 @@ class InodeStore:
             raise FileTooBig(f"logical block {first + count} beyond the 2^32 limit")
         new: list[tuple[int, int, int]] = []
         goal = 0
+        lo, hi = MAX_LOGICAL_BLOCKS, 0  # the extents inserted (merged with their neighbours)
         for lg, n, phys, _unw in self.map_range(rec, first, count):
             if phys is not None:
                 goal = phys + n
@@ -404,14 +572,15 @@ class InodeStore:
                 goal = prev[2] + 1 if prev and prev[2] is not None else self.sb.data_start
             while n:
                 start, got = self.blocks.alloc_run(tx, goal, n)
-                self._insert_extent(rec, Extent(lg, got, start))
+                put = self._insert_extent(rec, Extent(lg, got, start))
+                lo, hi = min(lo, put.logical), max(hi, put.end)
                 rec.inode.blocks += got
                 new.append((lg, start, got))
                 lg += got
                 n -= got
                 goal = start + got
         if new:
-            self._mark_map(tx, rec)
+            self._mark_map(tx, rec, lo, hi)
         return new
 
     def punch(self, tx: Transaction, rec: InodeRec, first: int, end: int) -> int:
@@ -419,10 +588,12 @@ class InodeStore:
         rec.data_version += 1
         kept: list[Extent] = []
         freed = 0
+        span_lo, span_hi = MAX_LOGICAL_BLOCKS, 0  # the extents cut or removed
         for e in rec.extents:
             if e.end <= first or e.logical >= end:
                 kept.append(e)
                 continue
+            span_lo, span_hi = min(span_lo, e.logical), max(span_hi, e.end)
             if e.logical < first:
                 kept.append(Extent(e.logical, first - e.logical, e.physical, e.flags))
             lo, hi = max(e.logical, first), min(e.end, end)
@@ -433,7 +604,7 @@ class InodeStore:
         if freed:
             rec.extents = kept
             rec.inode.blocks -= freed
-            self._mark_map(tx, rec)
+            self._mark_map(tx, rec, span_lo, span_hi)
         return freed
 
     # --------------------------------------------------------------------------------- data I/O
@@ -510,8 +681,10 @@ class InodeStore:
 
     def _clear_unwritten(self, tx: Transaction, rec: InodeRec, first: int, count: int) -> None:
         out: list[Extent] = []
+        span_lo, span_hi = MAX_LOGICAL_BLOCKS, 0  # the extents split
         for e in rec.extents:
             if e.flags & EXT_UNWRITTEN and e.logical < first + count and e.end > first:
+                span_lo, span_hi = min(span_lo, e.logical), max(span_hi, e.end)
                 lo, hi = max(e.logical, first), min(e.end, first + count)
                 if e.logical < lo:
                     out.append(Extent(e.logical, lo - e.logical, e.physical, e.flags))
@@ -521,7 +694,7 @@ class InodeStore:
             else:
                 out.append(e)
         rec.extents = out
-        self._mark_map(tx, rec)
+        self._mark_map(tx, rec, span_lo, span_hi)
 
     def truncate(self, tx: Transaction, rec: InodeRec, size: int) -> None:
         """Set the size; shrinking frees whole blocks past the end and zeroes the tail of the last block."""
