@@ -680,9 +680,15 @@ class InodeStore:
         return size
 
     def _clear_unwritten(self, tx: Transaction, rec: InodeRec, first: int, count: int) -> None:
+        """Blocks [first, first+count) were written: their unwritten extents become written ones
+        (split where the range ends inside one).  Only the extents that overlap the range are
+        looked at, so a write costs the same in a file of many extents."""
+        exts = rec.extents
+        i0 = max(bisect.bisect_right(exts, first, key=_LOGICAL) - 1, 0)
+        i1 = bisect.bisect_left(exts, first + count, key=_LOGICAL)
         out: list[Extent] = []
         span_lo, span_hi = MAX_LOGICAL_BLOCKS, 0  # the extents split
-        for e in rec.extents:
+        for e in exts[i0:i1]:
             if e.flags & EXT_UNWRITTEN and e.logical < first + count and e.end > first:
                 span_lo, span_hi = min(span_lo, e.logical), max(span_hi, e.end)
                 lo, hi = max(e.logical, first), min(e.end, first + count)
@@ -693,8 +699,9 @@ class InodeStore:
                     out.append(Extent(hi, e.end - hi, e.physical + hi - e.logical, e.flags))
             else:
                 out.append(e)
-        rec.extents = out
-        self._mark_map(tx, rec, span_lo, span_hi)
+        exts[i0:i1] = out
+        if span_lo < span_hi:
+            self._mark_map(tx, rec, span_lo, span_hi)
 
     def truncate(self, tx: Transaction, rec: InodeRec, size: int) -> None:
         """Set the size; shrinking frees whole blocks past the end and zeroes the tail of the last block."""

@@ -91,3 +91,38 @@ def test_an_allocating_write_rewrites_one_leaf_not_the_tree() -> None:
     assert len(fs.inodes.get(a).extents) == 2003
     fs.close()
     assert not check(dev, Mode.NO).problems
+
+
+def test_writes_into_unwritten_extents_convert_just_the_blocks_written() -> None:
+    """SovFS never makes unwritten extents, but an image from another writer may hold them
+    (FORMAT.md: they read as zeros).  A write converts exactly the blocks it wrote, splitting the
+    extent around them, and the tree on disk says the same."""
+    dev, fs = fresh(16 << 20, block_size=1024)
+    bs = fs.bs
+    a = fs.create(R, b"u").ino
+    fs.write(a, 0, b"old!" * (bs // 4) * 300)  # 300 blocks, one extent
+    rec = fs.inodes.get(a)
+    (e,) = rec.extents
+    with fs.journal.op() as tx:  # what another writer's fallocate would have left
+        rec.extents = [F.Extent(e.logical, e.length, e.physical, F.EXT_UNWRITTEN)]
+        fs.inodes._mark_map(tx, rec)
+        fs.inodes.put(tx, rec)
+    fs.close()
+    fs = FileSystem.mount(dev)
+    assert fs.read(a, 0, 300 * bs) == bytes(300 * bs)  # unwritten reads as zeros
+    for blk in (150, 10, 299, 0):
+        fs.write(a, blk * bs, bytes([blk % 250 + 1]) * bs)
+    rec = fs.inodes.get(a)
+    written = [(x.logical, x.length) for x in rec.extents if not x.flags & F.EXT_UNWRITTEN]
+    assert written == [(0, 1), (10, 1), (150, 1), (299, 1)]
+    assert sum(x.length for x in rec.extents) == 300 and len(rec.extents) == 7
+    assert _as_written(fs, a) == rec.extents
+    fs.close()
+    fs = FileSystem.mount(dev)
+    want = bytearray(300 * bs)
+    for blk in (150, 10, 299, 0):
+        want[blk * bs : (blk + 1) * bs] = bytes([blk % 250 + 1]) * bs
+    assert fs.read(a, 0, 300 * bs) == bytes(want)
+    fs.close()
+    report = check(dev, Mode.NO)
+    assert not report.problems, [str(p) for p in report.problems]
