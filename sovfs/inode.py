@@ -326,10 +326,7 @@ class InodeStore:
             for b in rec.tree_blocks:
                 self._free_tree_block(tx, rec, b)
             rec.tree_blocks, rec.leaves, rec.index_blocks, rec.index_of = [], [], [], []
-            ino.ext_depth = 0
-            ino.ext_count = len(exts)
-            ino.flags &= ~1
-            ino.area = b"".join(e.pack() for e in exts).ljust(INODE_AREA_SIZE, b"\0")
+            self._set_root(ino, 0, [e.pack() for e in exts])
             self._write_slot(tx, rec)
             return
         if rec.leaves and lo <= hi:
@@ -351,12 +348,16 @@ class InodeStore:
         return bno
 
     def _write_leaf(self, tx: Transaction, rec: InodeRec, bno: int, exts: Sequence[Extent]) -> None:
+        self._write_node(tx, rec, bno, 0, [e.pack() for e in exts])
+
+    def _write_node(
+        self, tx: Transaction, rec: InodeRec, bno: int, depth: int, entries: Sequence[bytes]
+    ) -> None:
+        """Tree block ``bno`` from scratch: a node at ``depth`` holding ``entries`` (packed)."""
         buf = self.cache.new(bno)
         init_block(buf.data, BlockType.EXTENT_NODE, bno, rec.ino, rec.inode.generation)
-        cap = extent_node_capacity(self.bs)
-        EXTENT_NODE_HDR.pack_into(buf.data, 32, 0, len(exts), cap, 0, 0)
-        end = EXTENT_NODE_OFF + EXTENT_SIZE * len(exts)
-        buf.data[EXTENT_NODE_OFF:end] = b"".join(e.pack() for e in exts)
+        EXTENT_NODE_HDR.pack_into(buf.data, 32, depth, len(entries), extent_node_capacity(self.bs), 0, 0)
+        buf.data[EXTENT_NODE_OFF : EXTENT_NODE_OFF + EXTENT_SIZE * len(entries)] = b"".join(entries)
         tx.dirty(buf)
 
     def _pack_leaves(self, tx: Transaction, rec: InodeRec) -> None:
@@ -465,23 +466,22 @@ class InodeStore:
                     goal = used[-1] + 1 if used else rec.leaves[-1][1] + 1
                     bno = self._new_tree_block(tx, rec, goal)
                 used.append(bno)
-                buf = self.cache.new(bno)
-                init_block(buf.data, BlockType.EXTENT_NODE, bno, rec.ino, ino.generation)
-                EXTENT_NODE_HDR.pack_into(buf.data, 32, depth, len(chunk), cap, 0, 0)
-                buf.data[EXTENT_NODE_OFF : EXTENT_NODE_OFF + EXTENT_SIZE * len(chunk)] = b"".join(
-                    c[1] for c in chunk
-                )
-                tx.dirty(buf)
+                self._write_node(tx, rec, bno, depth, [c[1] for c in chunk])
                 nxt.append((chunk[0][0], ExtentIndex(chunk[0][0], bno).pack()))
             entries = nxt
             depth += 1
         for b in spare:
             self._free_tree_block(tx, rec, b)
         rec.index_blocks = used
+        self._set_root(ino, depth, [e[1] for e in entries])
+
+    @staticmethod
+    def _set_root(ino: Inode, depth: int, entries: Sequence[bytes]) -> None:
+        """The tree's root in the inode: ``entries`` (packed) of a node at ``depth``."""
         ino.ext_depth = depth
         ino.ext_count = len(entries)
         ino.flags &= ~1
-        ino.area = b"".join(e[1] for e in entries).ljust(INODE_AREA_SIZE, b"\0")
+        ino.area = b"".join(entries).ljust(INODE_AREA_SIZE, b"\0")
 
     def _mark_map(self, tx: Transaction, rec: InodeRec, lo: int = 0, hi: int = -1) -> None:
         """The map changed; every changed extent (as it was and as it is) lies in ``[lo, hi)``.
