@@ -11,8 +11,10 @@ pyfuse3 looks ``trio`` up as a module global at call time so that its asyncio mo
 another implementation.  :func:`fast_session_loop` uses that seam to hand it a facade that is trio
 in every respect but two:
 
-* ``Lock``: taking a free lock does not yield.  (pyfuse3 creates exactly one, to let one task at a
-  time wait for the fd; a contended ``acquire`` still parks on a trio ``ParkingLot``.)
+* ``Lock``: taking a free lock does not yield, and a task that releases it with others waiting
+  keeps it if it comes back without yielding (:class:`_NoYieldLock`).  (pyfuse3 creates exactly
+  one, to let one task at a time wait for the fd; a contended ``acquire`` still parks on a trio
+  ``ParkingLot``.)
 * ``lowlevel.wait_readable``: when ``poll(2)`` says a request is already queued it returns at once,
   yielding to the scheduler only every ``yield_every`` requests — so tasks waiting for ledger
   completions, the write-back timer and signal handling still run at least that often while a
@@ -42,25 +44,67 @@ __all__ = ["fast_session_loop"]
 
 
 class _NoYieldLock:
-    """A task lock whose uncontended acquire does not yield (the only difference from trio.Lock)."""
+    """The lock pyfuse3 takes to let one task at a time wait for ``/dev/fuse``, made cheaper twice.
+
+    * Taking a free lock does not yield (``trio.Lock`` always does).
+    * Releasing it while other tasks wait does not hand it over at once; it is *lent back* to the
+      releasing task.  That task has just taken a request off the fd and goes on to serve it; if the
+      handler never waits (a stat, a create, a read served on the daemon's thread) it comes straight
+      back for the next request and simply keeps the lock, the waiter stays parked, and the request
+      costs no task switch (a scheduler pass, an ``epoll_wait`` and a park fewer per request; warm
+      random 4 KiB O_DIRECT reads through the mount, alternated with the hand-over-at-once lock:
+      daemon CPU per read 93-94 -> 87-88 µs with one reader, 138 -> 106-107 µs with four, whose
+      IOPS rose 12.8k -> 16.1-16.8k; creates in a tree +6 %).  If the
+      task yields first (its handler waits for the device), the lock is handed to the longest
+      waiter when that step ends (:class:`_HandOver`, a trio instrument), so that another task reads
+      the next request meanwhile: the concurrency of pyfuse3's worker tasks is kept.
+
+    A contended ``acquire`` parks on a trio ``ParkingLot``; waiters get the lock in arrival order,
+    and a task that takes a lent lock (a free lock, as far as it can tell) does so without yielding.
+    """
 
     def __init__(self) -> None:
         self._held = False
         self._waiters = trio.lowlevel.ParkingLot()
+        self._lent_to: trio.lowlevel.Task | None = None  # released with waiters, not yet handed over
+        self._watched: trio.lowlevel.TrioToken | None = None  # the run whose steps _HandOver watches
 
     async def __aenter__(self) -> None:
         if self._held:
-            await self._waiters.park()  # ownership is handed to us by the releasing task
+            await self._waiters.park()  # ownership is handed to us by _hand_over
         else:
             self._held = True
+            self._lent_to = None
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self._held = False
         if self._waiters:
-            self._waiters.unpark(count=1)  # hand over: the lock stays held
-        else:
-            self._held = False
+            token = trio.lowlevel.current_trio_token()
+            if self._watched is not token:
+                trio.lowlevel.add_instrument(_HandOver(self))
+                self._watched = token
+            self._lent_to = trio.lowlevel.current_task()
+
+    def _step_ended(self, task: trio.lowlevel.Task) -> None:
+        """The end of a task's step: if the lock was lent to it, it yielded (or finished) before
+        taking the lock back, so a waiter gets it now."""
+        if task is self._lent_to:
+            self._lent_to = None
+            if not self._held and self._waiters:
+                self._held = True  # the lock stays held: ownership passes to the unparked waiter
+                self._waiters.unpark(count=1)
+
+
+class _HandOver(trio.abc.Instrument):
+    """Hands a lent :class:`_NoYieldLock` to its next waiter once the borrowing task yields."""
+
+    def __init__(self, lock: _NoYieldLock) -> None:
+        self._lock = lock
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        self._lock._step_ended(task)
 
 
 class _Lowlevel:
