@@ -528,7 +528,10 @@ class SovOps(pyfuse3.Operations):
     @_guard
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         self._may_xattr(ctx, inode, name, os.R_OK)
-        return self.fs.getxattr(inode, name)
+        value = self.fs.xattr(inode, name)
+        if value is None:
+            raise pyfuse3.FUSEError(errno.ENODATA)  # straight through _guard: no SovError to map
+        return value
 
     @_guard
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:

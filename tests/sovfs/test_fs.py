@@ -283,6 +283,30 @@ def test_xattrs_inline_then_block(dev_fs: tuple[RamLedgerDevice, FileSystem]) ->
     fs.close()
 
 
+def test_xattr_says_absent_with_none_wherever_the_xattrs_live(
+    dev_fs: tuple[RamLedgerDevice, FileSystem],
+) -> None:
+    """``xattr`` (the FUSE layer's getxattr) answers None for a missing name, never NoData, on an
+    inode without xattrs, with inline ones and with an xattr block; getxattr still raises ENODATA."""
+    _dev, fs = dev_fs
+    f = fs.create(R, b"x").ino
+    assert fs.xattr(f, b"security.capability") is None
+    fs.setxattr(f, b"user.a", b"1")
+    assert fs.xattr(f, b"security.capability") is None
+    assert fs.xattr(f, b"user.a") == b"1"
+    fs.setxattr(f, b"user.big", b"v" * 500)
+    assert fs.inodes.get(f).inode.xattr_block != 0
+    assert fs.xattr(f, b"security.capability") is None
+    assert fs.xattr(f, b"user.big") == b"v" * 500
+    with pytest.raises(SovError) as e:
+        fs.getxattr(f, b"security.capability")
+    assert err(e) == "ENODATA"
+    fs.unlink(R, b"x")
+    with pytest.raises(SovError) as e:
+        fs.xattr(f, b"user.a")
+    assert err(e) == "ENOENT"
+
+
 def test_enospc_leaves_fs_consistent() -> None:
     dev, fs = fresh(2 << 20, block_size=1024)
     f = fs.create(R, b"fill").ino
