@@ -952,9 +952,13 @@ def serve_queue(
             now = monotonic_ns()
             if now - idle_since < window:
                 spins += 1
-                if (spins & 63) == 0:
-                    # More busy threads than cores: the driver we wait for may be
-                    # runnable on this very core, so give it the CPU now and then.
+                if (spins & 7) == 0:
+                    # More busy threads than cores: the driver we wait for (and the
+                    # threads it serves) may be runnable on this very core, so give
+                    # them the CPU often - every 8 probes, well under a microsecond of
+                    # spinning.  (Every 64: 4-job FUSE random reads 5-10 % fewer IOPS on
+                    # 2 vCPUs, alternated runs; where nothing else is runnable the
+                    # yield returns at once.)
                     c_sched_yield()
                 if not event_idx and not no_notify:
                     # polling: tell the driver not to kick (VIRTQ_USED_F_NO_NOTIFY)
