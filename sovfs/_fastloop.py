@@ -68,10 +68,11 @@ class _NoYieldLock:
         self._waiters = trio.lowlevel.ParkingLot()
         self._lent_to: trio.lowlevel.Task | None = None  # released with waiters, not yet handed over
         self._watched: trio.lowlevel.TrioToken | None = None  # the run whose steps _HandOver watches
+        self._lend = True  # False once a _HandOver hook failed: hand over at release, as trio.Lock
 
     async def __aenter__(self) -> None:
         if self._held:
-            await self._waiters.park()  # ownership is handed to us by _hand_over
+            await self._waiters.park()  # ownership is handed to us (__aexit__ or _step_ended)
         else:
             self._held = True
             self._lent_to = None
@@ -79,13 +80,17 @@ class _NoYieldLock:
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._held = False
-        if self._waiters:
+        if not self._waiters:
+            self._held = False
+        elif self._lend:
+            self._held = False
             token = trio.lowlevel.current_trio_token()
             if self._watched is not token:
                 trio.lowlevel.add_instrument(_HandOver(self))
                 self._watched = token
             self._lent_to = trio.lowlevel.current_task()
+        else:
+            self._waiters.unpark(count=1)  # hand over now: the lock stays held for the waiter
 
     def _step_ended(self, task: trio.lowlevel.Task) -> None:
         """The end of a task's step: if the lock was lent to it, it yielded (or finished) before
@@ -94,7 +99,19 @@ class _NoYieldLock:
             self._lent_to = None
             if not self._held and self._waiters:
                 self._held = True  # the lock stays held: ownership passes to the unparked waiter
-                self._waiters.unpark(count=1)
+                if not self._waiters.unpark(count=1):
+                    self._held = False  # nobody was left to wake after all
+
+    def _hook_failed(self) -> None:
+        """trio drops an instrument whose hook raised, and nothing would hand a lent lock over any
+        more: stop lending (release hands over at once, as ``trio.Lock``), and hand over the lock
+        if it is lent and free right now."""
+        self._lend = False
+        self._lent_to = None
+        if not self._held and self._waiters:
+            self._held = True
+            if not self._waiters.unpark(count=1):
+                self._held = False
 
 
 class _HandOver(trio.abc.Instrument):
@@ -104,7 +121,11 @@ class _HandOver(trio.abc.Instrument):
         self._lock = lock
 
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
-        self._lock._step_ended(task)
+        try:
+            self._lock._step_ended(task)
+        except BaseException:
+            self._lock._hook_failed()  # trio logs this and removes the instrument
+            raise
 
 
 class _Lowlevel:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import threading
 from collections.abc import Iterator
 
@@ -180,6 +182,103 @@ async def test_a_lent_lock_goes_to_the_waiter_as_soon_as_the_borrower_yields() -
         # (a lock held by one task and released by another is not pyfuse3's use, but the lent
         # lock must still reach the waiter when the borrowing task finishes)
     assert order == ["waiter in", "waiter out"]
+
+
+class _LockInvariant(trio.abc.Instrument):
+    """Checked before every task step: nobody is parked on a free lock, and no lock stays lent."""
+
+    def __init__(self, lock: _NoYieldLock) -> None:
+        self.lock = lock
+        self.bad: list[str] = []
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self.lock._waiters and not self.lock._held:
+            self.bad.append(f"free with {len(self.lock._waiters)} parked before {task.name}")
+        if self.lock._lent_to is not None:
+            self.bad.append(f"still lent to {self.lock._lent_to.name} before {task.name}")
+
+
+@pytest.mark.parametrize("seed", range(12))
+async def test_lending_keeps_exclusion_and_liveness_under_random_schedules(seed: int) -> None:
+    """Six tasks take the lock in a loop; each randomly yields inside and after it (a handler that
+    waits or not), is cancelled while parked, or raises inside it.  At most one holder at a time,
+    every task finishes, and between any two steps no waiter is parked on a free or lent lock."""
+    rng = random.Random(seed)
+    lock = _NoYieldLock()
+    invariant = _LockInvariant(lock)
+    trio.lowlevel.add_instrument(invariant)
+    inside = max_inside = done = 0
+
+    async def maybe_yield() -> None:
+        if rng.random() < 0.35:
+            await trio.lowlevel.checkpoint()
+
+    async def worker() -> None:
+        nonlocal inside, max_inside, done
+        for _ in range(rng.randrange(5, 40)):
+            with contextlib.suppress(KeyError), trio.CancelScope() as scope:
+                if rng.random() < 0.1:
+                    scope.cancel()  # cancelled while (maybe) parked
+                async with lock:
+                    inside += 1
+                    max_inside = max(max_inside, inside)
+                    try:
+                        await maybe_yield()
+                        if rng.random() < 0.1:
+                            raise KeyError("in the body")
+                    finally:
+                        inside -= 1
+            await maybe_yield()
+        done += 1
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for _ in range(6):
+                nursery.start_soon(worker)
+    trio.lowlevel.remove_instrument(invariant)
+    assert (max_inside, done, invariant.bad) == (1, 6, [])
+    assert not lock._held and not lock._waiters
+
+
+async def test_a_failing_hand_over_hook_falls_back_to_handing_over_at_release(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """trio removes an instrument whose hook raised.  Nothing would then hand a lent lock over: the
+    lock stops lending, hands over the one lent at that moment, and later releases hand over at
+    once (trio.Lock's behaviour), so no waiter is left parked on a free lock."""
+    lock = _NoYieldLock()
+    got: list[str] = []
+    real = lock._step_ended
+    calls = 0
+
+    def flaky(task: trio.lowlevel.Task) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("hook failure (test)")
+        real(task)
+
+    monkeypatch.setattr(lock, "_step_ended", flaky)
+
+    async def waiter(tag: str) -> None:
+        async with lock:
+            got.append(tag)
+            await trio.lowlevel.checkpoint()
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await lock.__aenter__()
+            nursery.start_soon(waiter, "a")
+            await trio.testing.wait_all_tasks_blocked()
+            await lock.__aexit__(None, None, None)  # lent; the hook raises when this step ends
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == ["a"]
+            await lock.__aenter__()
+            nursery.start_soon(waiter, "b")
+            await trio.testing.wait_all_tasks_blocked()
+            await lock.__aexit__(None, None, None)  # no lending any more: handed over at once
+            assert lock._held and lock._lent_to is None
+    assert got == ["a", "b"]
 
 
 async def test_wait_readable_returns_at_once_when_data_is_queued_and_yields_every_n(
