@@ -562,9 +562,14 @@ class VirtioBlkDevice:
             if self._closed or not 0 <= qi < self.num_queues or not self.trapped[qi]:
                 return None
             q = self._queues[qi]
-            if not (q.gate[0] and self._machine.live and q.ready and q.params is not None):
+            if not (q.gate[0] and self._serves_trapped(qi)):
                 return None
             return q.gate, self.kernel_args(qi)
+
+    def _serves_trapped(self, qi: int) -> bool:
+        """Would a notify of queue ``qi`` be served on the notifier's thread now?  (The gate's rule.)"""
+        q = self._queues[qi]
+        return bool(self._machine.live and self.trapped[qi] and q.ready and q.params is not None)
 
     # --- status and workers ------------------------------------------------------
     def _write_status(self, val: int) -> None:
@@ -577,9 +582,8 @@ class VirtioBlkDevice:
             self._refuse(code, text)
         if out.start:
             self._start_workers()
-        live = m.live
         for i, q in enumerate(self._queues):
-            q.gate[0] = 1 if live and self.trapped[i] and q.ready and q.params is not None else 0
+            q.gate[0] = 1 if self._serves_trapped(i) else 0
 
     def reset(self) -> None:
         """Device reset (Status <- 0): drain and stop workers, forget rings, features and interrupts."""
