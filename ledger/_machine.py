@@ -30,7 +30,7 @@ from typing import Any
 import trio
 
 from . import _driver_kernels as K
-from ._trap_kernel import run_trapped
+from ._trap_kernel import bind as bind_trapped
 from .backend import Backend, CrashBackend, FileBackend, RamBackend
 from .client import Engine, SyncBlk, TrioBlk
 from .device import VirtioBlkDevice
@@ -88,7 +88,7 @@ class Ledger:
             )  # fmt: skip
             # The driver's engine gets the fused kernel for trapped queues from here, the one
             # place that knows driver and device are in the same process (ledger._trap_kernel).
-            self.engine = Engine(self.driver, pool_bytes=pool_bytes, trap_runner=run_trapped)
+            self.engine = Engine(self.driver, pool_bytes=pool_bytes, trap_binder=bind_trapped)
             self._poll_us = poll_us
             self._sync = None
             self._warm_up()

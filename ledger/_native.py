@@ -122,6 +122,21 @@ fetch_or_u32 = _rmw_or(32)
 
 
 @intrinsic
+def as_pointer(typingctx: Any, address: Any, dtype: Any) -> Any:
+    """``(T *) address``: an int64 address as a typed pointer, for ``numba.carray``.
+
+    ``dtype`` is a Numba number class (``numba.uint8``), a compile-time constant.  Only for
+    addresses of arrays that the caller keeps alive (``ledger._trap_kernel.bind``).
+    """
+    sig = types.CPointer(dtype.dtype)(address, dtype)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+    return sig, codegen
+
+
+@intrinsic
 def fence_seq_cst(typingctx: Any) -> Any:
     """Full memory barrier (store->load ordering); ``mfence`` on x86-64."""
     sig = types.void()

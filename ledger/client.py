@@ -166,8 +166,10 @@ class Batch:
         )
 
 
-#: (the device's gate, run_trapped's arguments before the request, and after it)
-_TrapCall = tuple[npt.NDArray[np.int64], tuple[object, ...], tuple[object, ...]]
+#: (the device's gate, run_trapped bound to everything but the request)
+_TrapCall = tuple[npt.NDArray[np.int64], Callable[[int, int, int, int, int], int]]
+#: makes a _TrapCall's callable from run_trapped's arguments before and after the request
+TrapBinder = Callable[[tuple[object, ...], tuple[object, ...]], Callable[[int, int, int, int, int], int]]
 
 
 class Engine:
@@ -179,7 +181,7 @@ class Engine:
         *,
         pool_bytes: int = 32 << 20,
         staging: int = 8192,
-        trap_runner: Callable[..., int] | None = None,
+        trap_binder: TrapBinder | None = None,
     ) -> None:
         if not driver.queues:
             raise DriverError("driver has no queues (was it reset?)")
@@ -219,11 +221,11 @@ class Engine:
             self._routes[True] = trapped
             self._routes[False] = workers
         self._rr_route: dict[bool | None, int] = {None: 0, True: 0, False: 0}
-        #: the fused publish-serve-harvest kernel for lone requests on trapped queues
-        #: (``ledger._trap_kernel.run_trapped``, given by ``Ledger``: the driver never imports the
+        #: binds the fused publish-serve-harvest kernel for lone requests on trapped queues
+        #: (``ledger._trap_kernel.bind``, given by ``Ledger``: the driver never imports the
         #: device's kernels); None: every request goes through the registers
-        self._trap_runner = trap_runner
-        # queue index -> (gate, serve_queue arguments) from the device (run_trapped)
+        self._trap_binder = trap_binder
+        # queue index -> (gate, bound run_trapped) from the device's trap target
         self._trap_targets: dict[int, _TrapCall | None] = {}
         self.broken: DeviceError | None = None
         #: called when a group is released (a front end waiting for room wakes up)
@@ -347,8 +349,7 @@ class Engine:
         through the group's callback.  Returns -1 when the fast path does not apply (something is
         staged, no trapped queue is idle, the device offers no trap target): nothing was done.
         """
-        run = self._trap_runner
-        if run is None or self.st_head != self.st_count or self.broken is not None:
+        if self._trap_binder is None or self.st_head != self.st_count or self.broken is not None:
             return -1  # (staged requests of others would be published after ours)
         for q in self.trapped:
             if q.q[K.Q_INFLIGHT]:
@@ -359,7 +360,7 @@ class Engine:
                 if target is None:
                     continue
             self.st_head = self.st_count = 0
-            r = run(*target[1], rtype, sector, buf, nbytes, g, *target[2])
+            r = target[1](rtype, sector, buf, nbytes, g)
             if r == 1 and self.out_groups[0] == g:
                 return 1
             if r == K.RT_NO_ROOM:
@@ -378,12 +379,13 @@ class Engine:
         return -1
 
     def _trap_target(self, q: DriverQueue) -> _TrapCall | None:
-        """The device's gate for ``q`` and run_trapped's arguments around the request (built once
-        per gate: every array in them lives as long as the engine and the device's queue)."""
+        """The device's gate for ``q`` and run_trapped bound to its arguments around the request
+        (built once per gate: every array in them lives as long as the engine and the device's
+        queue)."""
         get = getattr(self.driver.transport, "trap_target", None)
-        target = None if get is None else get(q.index)
+        target = None if get is None or self._trap_binder is None else get(q.index)
         call: _TrapCall | None = None
-        if target is not None:
+        if target is not None and self._trap_binder is not None:
             gate, dev_args = target
             qs = q.state
             head = (
@@ -395,7 +397,7 @@ class Engine:
                 self.grp_remaining, self.grp_err_status, self.grp_err_idx, self.grp_bytes, self.out_groups,
                 gate, *dev_args,
             )  # fmt: skip
-            call = (gate, head, tail)
+            call = (gate, self._trap_binder(head, tail))
         self._trap_targets[q.index] = call
         return call
 

@@ -1162,6 +1162,8 @@ class FileSystem:
             return None
         sequential = offset == 0 or self._ra_next.get(ino) == offset
         self._ra_next[ino] = offset + size
+        if not sequential and ino not in self._ra:
+            return None  # a random read of a file with no chunks: nothing to make, fetch or use
         made = None
         if sequential and fill and not any(c.start <= offset < c.stop for c in self._ra.get(ino, ())):
             start = offset - offset % self.bs

@@ -143,3 +143,82 @@ def test_trio_fast_path_survives_cancellation_of_other_tasks() -> None:
             assert len(led.engine.free_groups) == len(led.engine.on_done)
 
     trio.run(main)
+
+
+def _bound_calls(led: Ledger) -> list[tuple[bool, tuple[object, ...]]]:
+    """Make the engine bind its trap targets through ``bind`` and record (packed?, arrays) of each."""
+    from ledger import _trap_kernel as TK
+
+    seen: list[tuple[bool, tuple[object, ...]]] = []
+
+    def recording(head: tuple[object, ...], tail: tuple[object, ...]) -> object:
+        call = TK.bind(head, tail)
+        seen.append((getattr(call, "func", None) is TK.run_trapped_packed, (*head[:14], *tail)))
+        return call
+
+    led.engine._trap_binder = recording  # type: ignore[assignment]
+    led.engine._trap_targets.clear()
+    return seen
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_packed_and_plain_trapped_calls_move_the_same_bytes(packed: bool) -> None:
+    """The engine's bound trap call - arrays passed as a table of addresses (the default) or as
+    run_trapped's own 38 arguments - serves the same requests with the same results, and the
+    table's callable keeps every array it points into alive."""
+    import gc
+
+    from ledger import _trap_kernel as TK
+
+    with Ledger.ram(4 * MB, num_queues=2, device_queues=2, notify=("trap", "eventfd")) as led:
+        dev = led.device
+        assert dev is not None
+        seen = _bound_calls(led)
+        if not packed:
+            led.engine._trap_binder = lambda h, t: TK.bind(h, t, packed=False)  # type: ignore[assignment]
+        notifies = _count_notifies(led)
+        blk = led.sync()
+        rng = random.Random(5)
+        model = bytearray(4 * MB)
+        before = int(dev._queues[0].ctl[DK.C_REQUESTS])
+        for i in range(200):
+            sector = rng.randrange(0, 4 * MB // 512 - 8)
+            data = rng.randbytes(rng.randrange(1, 8) * 512)
+            blk.write(sector, data)
+            model[sector * 512 : sector * 512 + len(data)] = data
+            if i % 50 == 0:
+                gc.collect()  # nothing the table points into may go away meanwhile
+            got = blk.read(sector, len(data) // 512)
+            assert got == data
+        assert notifies[0] == 0  # every lone request took the bound call, none the registers
+        assert int(dev._queues[0].ctl[DK.C_REQUESTS]) - before == 400
+        assert blk.read(0, 4 * MB // 512) == bytes(model)
+        if packed:
+            assert seen and all(p for p, _ in seen)
+            (_, arrays), *_ = seen
+            assert len(arrays) == len(TK.TRAP_ARRAY_DTYPES)
+
+
+def test_arrays_of_another_dtype_get_the_plain_call() -> None:
+    """bind never reinterprets memory: one array of an unexpected dtype and the table is not used."""
+    import numpy as np
+
+    from ledger import _trap_kernel as TK
+
+    with Ledger.ram(1 * MB, num_queues=1, device_queues=1, notify=("trap",)) as led:
+        captured: list[tuple[tuple[object, ...], tuple[object, ...]]] = []
+        real = led.engine._trap_binder
+        assert real is not None
+
+        def capture(head: tuple[object, ...], tail: tuple[object, ...]) -> object:
+            captured.append((head, tail))
+            return real(head, tail)
+
+        led.engine._trap_binder = capture  # type: ignore[assignment]
+        led.engine._trap_targets.clear()
+        led.sync().write(0, b"\x5a" * 512)
+        (head, tail), *_ = captured
+        assert getattr(TK.bind(head, tail), "func", None) is TK.run_trapped_packed
+        odd = list(tail)
+        odd[4] = np.asarray(odd[4], dtype=np.int64)  # out_groups as int64 instead of int32
+        assert getattr(TK.bind(head, tuple(odd)), "func", None) is not TK.run_trapped_packed

@@ -237,10 +237,14 @@ async def test_fetch_ahead_reads_the_next_chunks_while_a_sequential_read_is_in_f
     dev, fs, ino, data = _gated_fs(5 * READAHEAD_CHUNK + 4321)
     async with dev.serving(), trio.open_nursery() as n:
         fs.background = n.start_soon  # type: ignore[attr-defined]
-        got: list[bytes] = []
+        # got[0] is the first read's: its task may finish after the reads below start (it waits
+        # for a device worker thread, which wait_all_tasks_blocked does not wait for).
+        got: list[bytes] = [b""]
+        first_done = trio.Event()
 
         async def first() -> None:
-            got.append(bytes(await fs.read_async(ino, 0, READAHEAD_CHUNK)))  # type: ignore[attr-defined]
+            got[0] = bytes(await fs.read_async(ino, 0, READAHEAD_CHUNK))  # type: ignore[attr-defined]
+            first_done.set()
 
         n.start_soon(first)
         await trio.testing.wait_all_tasks_blocked()
@@ -252,6 +256,7 @@ async def test_fetch_ahead_reads_the_next_chunks_while_a_sequential_read_is_in_f
         while off < len(data) + READAHEAD_CHUNK:
             got.append(bytes(await fs.read_async(ino, off, READAHEAD_CHUNK)))  # type: ignore[attr-defined]
             off += READAHEAD_CHUNK
+        await first_done.wait()
         await trio.testing.wait_all_tasks_blocked()
         assert b"".join(got) == data
         # Each device request was one whole chunk, never a range read twice.
