@@ -16,12 +16,13 @@ unlink; ``--sovfs-options ''`` measures that.
 
 Jobs are defined once (:func:`build_jobs`) and turned into the same fio command line for every
 target (:func:`fio_args`; only ``--directory`` differs).  Every job runs on every target, targets
-alternating per job and repetition (ABC ABC ABC); ``sync`` + ``echo 3 > /proc/sys/vm/drop_caches``
-before every fio job and before the cold metadata phases, ``sync`` alone before the other metadata
-phases (no job starts with another job's dirty data still to write back).  Metadata jobs (create,
-stat warm/cold, readdir, unlink of N small files, flat and two-level tree) are timed by a small Python
-harness (:func:`meta_phase`, run as a subprocess: the same code on every target) because fio has no
-readdir engine.  Figures are the median of ``--reps`` repetitions, spread = min–max.
+alternating per job, their order rotating per repetition (ABC BCA CAB, :func:`schedule`); ``sync`` +
+``echo 3 > /proc/sys/vm/drop_caches`` before every fio job and before the cold metadata phases,
+``sync`` alone before the other metadata phases (no job starts with another job's dirty data still to
+write back).  Metadata jobs (create, stat warm/cold, readdir, unlink of N small files, flat and
+two-level tree) are timed by a small Python harness (:func:`meta_phase`, run as a subprocess: the
+same code on every target) because fio has no readdir engine.  Figures are the median of ``--reps``
+repetitions, spread = min–max.
 
 Also measured: daemon CPU (utime+stime from /proc/PID/stat) per job for the FUSE daemons, the time
 ``mount.sovfs`` takes until the mountpoint answers (cold = empty Numba cache, warm), and the peak RSS
@@ -59,7 +60,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -247,6 +248,25 @@ def job_blocks(jobs: Sequence[Job]) -> list[list[Job]]:
         else:
             blocks.append([j])
     return blocks
+
+
+T = TypeVar("T")
+
+
+def schedule(
+    blocks: Sequence[Sequence[Job]], targets: Sequence[T], reps: int
+) -> Iterator[tuple[int, Job, T]]:
+    """(repetition, job, target) in run order: block by block, repetition by repetition, each job on
+    every target in turn.  The targets' order rotates with the repetition (ABC BCA CAB): each takes
+    each place once per ``len(targets)`` repetitions, so none always runs right after another
+    target's writes (the host may still be writing those back to the disk the next one reads)."""
+    n = len(targets)
+    for block in blocks:
+        for rep in range(reps):
+            order = [*targets[rep % n :], *targets[: rep % n]] if n else []
+            for job in block:
+                for t in order:
+                    yield rep, job, t
 
 
 def fio_args(job: Job, directory: str | os.PathLike[str], fio_bin: str = "fio") -> list[str]:
@@ -927,30 +947,25 @@ def run_all(args: argparse.Namespace, jobs: Sequence[Job], work: Path) -> Run:
     k = 0
     with contextlib.ExitStack() as stack:
         live = [t for t in targets if stack.enter_context(mounted(t, run))]
-        for block in job_blocks(jobs):
-            for rep in range(args.reps):
-                for job, t in ((j, t) for j in block for t in targets):
-                    k += 1
-                    if t not in live:
-                        continue
-                    timeout = float(dict(job.fio).get("runtime", 300)) * 2 + 300
-                    res = run_job(job, t, rep, args.files, run, timeout, args.profile)
-                    run.results.append(res)
-                    cpu = f"  daemon cpu {res.cpu_s:6.2f} s" if res.cpu_s is not None else ""
-                    what = (
-                        f"{fmt_value(res.value):>10} {job.unit}"
-                        if res.value is not None
-                        else f"FAILED: {res.error}"
-                    )
-                    print(
-                        f"[{k:3d}/{total}] {job.name:18} rep {rep + 1}/{args.reps} {t.name:8} {what}{cpu}"
-                        f"  ({res.seconds:.1f} s)",
-                        flush=True,
-                    )
-                    if res.error and not t.alive():
-                        run.failed_targets[t.name] = f"mount died during {job.name}: {res.error}"
-                        print(f"!! {t.name}: {run.failed_targets[t.name]}", flush=True)
-                        live.remove(t)
+        for rep, job, t in schedule(job_blocks(jobs), targets, args.reps):
+            k += 1
+            if t not in live:
+                continue
+            timeout = float(dict(job.fio).get("runtime", 300)) * 2 + 300
+            res = run_job(job, t, rep, args.files, run, timeout, args.profile)
+            run.results.append(res)
+            cpu = f"  daemon cpu {res.cpu_s:6.2f} s" if res.cpu_s is not None else ""
+            ok = res.value is not None
+            what = f"{fmt_value(res.value):>10} {job.unit}" if ok else f"FAILED: {res.error}"
+            print(
+                f"[{k:3d}/{total}] {job.name:18} rep {rep + 1}/{args.reps} {t.name:8} {what}{cpu}"
+                f"  ({res.seconds:.1f} s)",
+                flush=True,
+            )
+            if res.error and not t.alive():
+                run.failed_targets[t.name] = f"mount died during {job.name}: {res.error}"
+                print(f"!! {t.name}: {run.failed_targets[t.name]}", flush=True)
+                live.remove(t)
     for t in targets:  # all unmounted here (ExitStack)
         if t.hwm_kib:
             run.peak_rss[f"{t.name} (run image)"] = t.hwm_kib / 1024

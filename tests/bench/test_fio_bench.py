@@ -237,3 +237,24 @@ def test_job_blocks_keep_metadata_phases_together(fb: ModuleType) -> None:
     meta = [[j.name for j in b] for b in blocks if b[0].meta]
     assert meta == [[f"{p}-{layout}" for p in fb.META_PHASES] for layout in fb.META_LAYOUTS]
     assert sum(len(b) for b in blocks) == len(jobs)
+
+
+def test_schedule_rotates_the_targets_so_each_takes_each_place(fb: ModuleType) -> None:
+    jobs = fb.build_jobs(64 * MiB, quick=True)
+    blocks = fb.job_blocks(jobs)
+    order = list(fb.schedule(blocks, ["sovfs", "fuse2fs", "host"], 3))
+    assert len(order) == len(jobs) * 3 * 3
+    # every (job, repetition, target) exactly once
+    assert len({(j.name, rep, t) for rep, j, t in order}) == len(order)
+    first = blocks[0][0]
+    per_rep = [[t for rep, j, t in order if j is first and rep == r] for r in range(3)]
+    assert per_rep == [
+        ["sovfs", "fuse2fs", "host"],
+        ["fuse2fs", "host", "sovfs"],
+        ["host", "sovfs", "fuse2fs"],
+    ]
+    # a metadata block keeps its phases in order within a repetition, for every target
+    meta = next(b for b in blocks if b[0].meta)
+    for r in range(3):
+        names = [j.name for rep, j, t in order if rep == r and j in meta and t == "host"]
+        assert names == [j.name for j in meta]
