@@ -68,10 +68,11 @@ options:
                         to a queue with a device worker thread, so disk I/O overlaps other requests
   -o iothreads=all      every queue has a worker thread (no trapped queue)
   -o noiothreads        every request served on the daemon's thread: no I/O overlap at all
-  -o directread         large reads (128 KiB or more, aligned) bypass the host page cache: the device
-                        reads the image with O_DIRECT (no copy, no double caching; like QEMU's
-                        cache=none, for reads only)
-  -o nodirectread (default)  every read through the host page cache
+  -o directread (default)  large reads (128 KiB or more, aligned) bypass the host page cache: the
+                        device reads the image with O_DIRECT (no copy, no double caching; like QEMU's
+                        cache=none, for reads only); writes and smaller reads use the page cache
+  -o nodirectread       every read through the host page cache (faster for large reads of image
+                        data the host still caches, slower and erratic when it does not)
   -o writebehind (default)  once a device worker completed a large write (256 KiB or more), it
                         starts the host's write-back of it: an fsync after a bulk write has little
                         left to write (needs a worker thread: none with noiothreads)
@@ -133,7 +134,7 @@ class MountOptions:
     writeback_cache: bool = False
     iothreads: bool = True
     lone_trap: bool = True  # iothreads: a trapped queue for lone requests (iothreads=all: False)
-    direct_reads: bool = False
+    direct_reads: bool = True
     write_behind: bool = True
     fetch_ahead: bool = True
     readdirplus: str = "auto"

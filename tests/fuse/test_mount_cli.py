@@ -28,9 +28,9 @@ def test_parse_args_mount8_convention() -> None:
     assert parse_args(["a", "b"]).lone_trap  # default: a trapped queue for lone requests + a worker
     o = parse_args(["a", "b", "-o", "iothreads=all"])
     assert o.iothreads and not o.lone_trap
-    assert not parse_args(["a", "b"]).direct_reads
-    assert parse_args(["a", "b", "-o", "directread"]).direct_reads
-    assert not parse_args(["a", "b", "-o", "directread,nodirectread"]).direct_reads
+    assert parse_args(["a", "b"]).direct_reads
+    assert not parse_args(["a", "b", "-o", "nodirectread"]).direct_reads
+    assert parse_args(["a", "b", "-o", "nodirectread,directread"]).direct_reads
     assert parse_args(["a", "b"]).write_behind
     assert not parse_args(["a", "b", "-o", "nowritebehind"]).write_behind
     assert parse_args(["a", "b", "-o", "nowritebehind,writebehind"]).write_behind

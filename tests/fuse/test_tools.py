@@ -259,15 +259,15 @@ def _direct_image_fds(pid: int, image: Path) -> int:
     return n
 
 
-def test_directread_opens_the_image_for_direct_reads_and_the_default_does_not(
+def test_directread_by_default_opens_the_image_for_direct_reads_and_nodirectread_does_not(
     image: Path, mnt_factory: object
 ) -> None:
-    """``-o directread``: the device holds a second, O_DIRECT descriptor of the image for large
-    reads; by default it does not.  A file larger than the direct-read threshold reads back intact
-    either way."""
+    """By default (``-o directread``) the device holds a second, O_DIRECT descriptor of the image
+    for large reads; with ``-o nodirectread`` it does not.  A file larger than the direct-read
+    threshold reads back intact either way."""
     mount: Mount = mnt_factory(image)  # type: ignore[operator]
     data = os.urandom(5 * 1024 * 1024 + 4097)
-    for opt, want in (("directread", 1), ("", 0)):
+    for opt, want in (("", 1), ("nodirectread", 0)):
         mount.mount(*([opt] if opt else []))
         assert mount.pid is not None
         if want and not _direct_image_fds(mount.pid, image):
