@@ -176,8 +176,10 @@ P_SINGLE_PASS = 19
 P_INDIRECT_MAX = 20
 P_DIRECT_FD = 21  # O_DIRECT descriptor of the image for large aligned reads, or -1
 P_WRITE_BEHIND_MIN = 22  # a worker starts write-back of written image ranges this large (0: never)
+P_DIRECT_MIN = 23  # reads of at least this many bytes (4 KiB-aligned) use P_DIRECT_FD
 P_SIZE = 24
-#: reads of at least this many bytes (4 KiB-aligned in guest memory and on the image) use P_DIRECT_FD
+#: P_DIRECT_MIN of a file backend with direct reads, unless it asks for another: reads of at least
+#: this many bytes (4 KiB-aligned in guest memory and on the image) use P_DIRECT_FD
 DIRECT_MIN = 128 * 1024
 DIRECT_ALIGN = 4096
 #: P_WRITE_BEHIND_MIN of a file backend with write-behind on
@@ -457,13 +459,15 @@ def first_seg_at(segs, nseg, want_write, pos):
 
 
 @njit(cache=True)
-def image_io(mem, segs, nseg, want_write, skip, total, img, image_fd, ram, is_write, direct_fd, ctl):
+def image_io(
+    mem, segs, nseg, want_write, skip, total, img, image_fd, ram, is_write, direct_fd, direct_min, ctl
+):
     """Move ``total`` bytes between image byte ``img`` and the readable (or writable) stream.
 
     The stream is the concatenation of the readable (``want_write`` False) or
     writable segments; the first ``skip`` bytes of it are passed over (the
     request header).  ``is_write``: image <- guest (pwrite), else guest <- image
-    (pread).  A read segment of ``DIRECT_MIN`` bytes or more whose guest address,
+    (pread).  A read segment of ``direct_min`` bytes or more whose guest address,
     image offset and length are ``DIRECT_ALIGN``-aligned is read through
     ``direct_fd`` when there is one (counted in ``ctl[C_DIRECT_BYTES]``); if the
     kernel refuses it (EINVAL: a stricter alignment), through ``image_fd``.
@@ -497,7 +501,7 @@ def image_io(mem, segs, nseg, want_write, skip, total, img, image_fd, ram, is_wr
             if (
                 not is_write
                 and direct_fd >= 0
-                and k >= DIRECT_MIN
+                and k >= direct_min
                 and (k | (img + done)) % DIRECT_ALIGN == 0
                 and address_of(mem, o) % DIRECT_ALIGN == 0
             ):
@@ -687,14 +691,17 @@ def handle_request(
             diag_put(diag, D_WRITE_READ_ONLY, q, seq, head, head, rtype, sector, 0, 0, 0)
             return
         if rtype == T_IN:
-            e = image_io(mem, segs, nseg, True, 0, n, sector * 512, image_fd, ram, False, p[P_DIRECT_FD], ctl)
+            e = image_io(
+                mem, segs, nseg, True, 0, n, sector * 512, image_fd, ram, False,
+                p[P_DIRECT_FD], p[P_DIRECT_MIN], ctl,
+            )  # fmt: skip
             if e != 0:
                 diag_put(diag, D_IO_ERROR, q, seq, head, head, rtype, sector, e, OP_PREAD, 0)
                 return
             ctl[C_BYTES_READ] += n
             res[1] = n + 1
         else:
-            e = image_io(mem, segs, nseg, False, 16, n, sector * 512, image_fd, ram, True, -1, ctl)
+            e = image_io(mem, segs, nseg, False, 16, n, sector * 512, image_fd, ram, True, -1, 0, ctl)
             if e != 0:
                 diag_put(diag, D_IO_ERROR, q, seq, head, head, rtype, sector, e, OP_PWRITE, 0)
                 return

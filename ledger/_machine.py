@@ -30,6 +30,7 @@ from typing import Any
 import trio
 
 from . import _driver_kernels as K
+from ._device_kernel import DIRECT_MIN
 from ._trap_kernel import bind as bind_trapped
 from .backend import Backend, CrashBackend, FileBackend, RamBackend
 from .client import Engine, SyncBlk, TrioBlk
@@ -117,17 +118,20 @@ class Ledger:
         *,
         read_only: bool = False,
         direct_reads: bool = False,
+        direct_min: int = DIRECT_MIN,
         write_behind: bool = True,
         **kwargs: Any,
     ) -> Ledger:
         """A ledger on an image file (which must exist and be a multiple of 512 bytes).
 
-        ``direct_reads``: large aligned reads go around the host page cache; ``write_behind``:
-        workers start the write-back of large writes once they completed them (:class:`FileBackend`).
+        ``direct_reads``: aligned reads of ``direct_min`` bytes or more go around the host page
+        cache; ``write_behind``: workers start the write-back of large writes once they completed
+        them (:class:`FileBackend`).
         """
         backend = FileBackend(
-            Path(path), read_only=read_only, direct_reads=direct_reads, write_behind=write_behind
-        )
+            Path(path), read_only=read_only, direct_reads=direct_reads, direct_min=direct_min,
+            write_behind=write_behind,
+        )  # fmt: skip
         try:
             return cls(backend, **kwargs)
         except BaseException:

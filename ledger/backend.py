@@ -73,6 +73,8 @@ class Backend:
     image_fd: int = -1
     #: an ``O_DIRECT`` descriptor of the same image for large aligned reads, or -1
     direct_fd: int = -1
+    #: reads of at least this many bytes (4 KiB-aligned) go through ``direct_fd``
+    direct_min: int = K.DIRECT_MIN
     #: a worker starts the write-back of image writes at least this large (0: never; file backends)
     write_behind_min: int = 0
     ram: npt.NDArray[np.uint8] = _EMPTY
@@ -246,6 +248,8 @@ class FileBackend(Backend):
             filesystem refuses ``O_DIRECT``, e.g. tmpfs).  Writes always go through the page cache
             (a FLUSH makes them durable); the kernel writes dirty cached pages of a range back
             before a direct read of it, so such a read sees every completed write.
+        direct_min: with ``direct_reads``, the smallest read that goes around the page cache (a
+            multiple of 4096; default ``DIRECT_MIN``, 128 KiB).
         write_behind: after a worker queue completes a write of ``WRITE_BEHIND_MIN`` bytes or
             more, it asks the host to start writing those pages back (``SYNC_FILE_RANGE_WRITE``,
             which does not wait), instead of leaving them dirty until a FLUSH or the host's
@@ -263,8 +267,12 @@ class FileBackend(Backend):
         *,
         read_only: bool = False,
         direct_reads: bool = False,
+        direct_min: int = K.DIRECT_MIN,
         write_behind: bool = True,
     ) -> None:
+        if direct_min < K.DIRECT_ALIGN or direct_min % K.DIRECT_ALIGN:
+            raise ValueError(f"direct_min {direct_min} is not a positive multiple of {K.DIRECT_ALIGN}")
+        self.direct_min = direct_min
         self.path = os.fspath(path)
         self.read_only = read_only
         self.name = os.path.basename(self.path) or "image"

@@ -71,6 +71,7 @@ options:
   -o directread (default)  large reads (128 KiB or more, aligned) bypass the host page cache: the
                         device reads the image with O_DIRECT (no copy, no double caching; like QEMU's
                         cache=none, for reads only); writes and smaller reads use the page cache
+  -o directread=KIB     the same, for aligned reads of KIB KiB or more (a multiple of 4)
   -o nodirectread       every read through the host page cache (faster for large reads of image
                         data the host still caches, slower and erratic when it does not)
   -o writebehind (default)  once a device worker completed a large write (256 KiB or more), it
@@ -135,6 +136,7 @@ class MountOptions:
     iothreads: bool = True
     lone_trap: bool = True  # iothreads: a trapped queue for lone requests (iothreads=all: False)
     direct_reads: bool = True
+    direct_min_kib: int = 128
     write_behind: bool = True
     fetch_ahead: bool = True
     readdirplus: str = "auto"
@@ -202,8 +204,13 @@ def _apply(o: MountOptions, opt: str) -> None:
         o.lone_trap = True
     elif name == "iothreads" and value == "all":
         o.iothreads, o.lone_trap = True, False
-    elif name in ("directread", "nodirectread"):
+    elif name in ("directread", "nodirectread") and not eq:
         o.direct_reads = name == "directread"
+    elif name == "directread":
+        kib = _number(name, value, int)
+        if kib < 4 or kib % 4:
+            raise UsageError(f"option {opt!r}: the smallest direct read is a multiple of 4 KiB")
+        o.direct_reads, o.direct_min_kib = True, kib
     elif name in ("writebehind", "nowritebehind"):
         o.write_behind = name == "writebehind"
     elif name in ("fetchahead", "nofetchahead"):
@@ -375,6 +382,7 @@ class _Daemon:
                 o.spec,
                 read_only=o.read_only,
                 direct_reads=o.direct_reads,
+                direct_min=o.direct_min_kib * 1024,
                 write_behind=o.write_behind,
                 num_queues=2,
                 notify=notify,

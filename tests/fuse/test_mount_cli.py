@@ -31,6 +31,9 @@ def test_parse_args_mount8_convention() -> None:
     assert parse_args(["a", "b"]).direct_reads
     assert not parse_args(["a", "b", "-o", "nodirectread"]).direct_reads
     assert parse_args(["a", "b", "-o", "nodirectread,directread"]).direct_reads
+    assert parse_args(["a", "b"]).direct_min_kib == 128
+    o = parse_args(["a", "b", "-o", "nodirectread,directread=64"])
+    assert o.direct_reads and o.direct_min_kib == 64
     assert parse_args(["a", "b"]).write_behind
     assert not parse_args(["a", "b", "-o", "nowritebehind"]).write_behind
     assert parse_args(["a", "b", "-o", "nowritebehind,writebehind"]).write_behind
@@ -48,7 +51,9 @@ def test_parse_args_mount8_convention() -> None:
     assert "default_permissions" in last.fuse_options()
     for bad in (["a"], ["a", "b", "-o", "frobnicate"], ["a", "b", "-o"], ["a", "b", "-o", "commit=x"],
                 ["a", "b", "-o", "reqspin=x"], ["a", "b", "-q"], ["a", "b", "-o", "readdirplus"],
-                ["a", "b", "-o", "readdirplus=maybe"]):
+                ["a", "b", "-o", "readdirplus=maybe"], ["a", "b", "-o", "directread=6"],
+                ["a", "b", "-o", "directread=0"], ["a", "b", "-o", "directread=x"],
+                ["a", "b", "-o", "nodirectread=4"]):
         with pytest.raises(UsageError):
             parse_args(bad)
 

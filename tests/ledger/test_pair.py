@@ -715,3 +715,32 @@ async def test_contended_front_end_stops_spinning_on_a_slow_device(monkeypatch: 
         stop.set()
         server.join()
         led.close()
+
+
+def test_the_smallest_direct_read_is_the_backends_choice(tmp_path) -> None:
+    """``direct_min``: aligned reads of at least that many bytes go through the O_DIRECT descriptor,
+    smaller ones through the page cache; it must be a positive multiple of 4 KiB."""
+    import tempfile
+
+    from ledger.backend import FileBackend
+
+    with pytest.raises(ValueError, match="multiple of 4096"):
+        FileBackend(tmp_path / "none.img", direct_reads=True, direct_min=1000)
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
+        img = os.path.join(d, "disk.img")
+        with open(img, "wb") as f:
+            f.truncate(4 * MB)
+        probe = FileBackend(img, direct_reads=True)
+        ok = probe.direct_fd >= 0
+        probe.close()
+        if not ok:
+            pytest.skip("no O_DIRECT on /var/tmp")
+        data = random.Random(4).randbytes(64 << 10)
+        with Ledger.open(img, num_queues=1, device_queues=1, direct_reads=True, direct_min=8192) as led:
+            blk = led.sync()
+            blk.write(64, data)
+            d0 = _direct_bytes(led)
+            assert blk.read(64, 8) == data[:4096]  # 4 KiB: below the minimum
+            assert _direct_bytes(led) == d0
+            assert blk.read(64, 16) == data[:8192]  # 8 KiB, aligned: direct
+            assert _direct_bytes(led) == d0 + 8192
