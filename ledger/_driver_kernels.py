@@ -56,6 +56,7 @@ from ._native import (
     load_acquire_u16,
     monotonic_ns,
     store_release_u16,
+    table_array,
 )
 
 # --- queue state vector layout (int64 array) -----------------------------------
@@ -392,3 +393,43 @@ def poll_used(mem, q, budget_ns):  # type: ignore[no-untyped-def]
             if monotonic_ns() >= deadline:
                 return False
             c_sched_yield()
+
+
+# --- the same kernels entered through an address table ----------------------------------------
+#
+# An engine calls submit_requests and harvest for every request it publishes or reaps, with 12-17
+# arguments that never change for a queue.  It binds them once (ledger._native.address_table, in
+# this order) and enters these instead: one table and the few integers that do change.
+
+#: the arrays of one queue's table, in order, with the dtype each has: guest memory, the queue's
+#: state, its kick buffer, the engine's staging arrays, its group arrays and ``out_groups``
+DRIVER_ARRAY_DTYPES: tuple[type[np.generic], ...] = (
+    np.uint8, np.int64, np.int32, np.int32, np.int32, np.int32, np.int32, np.uint8,  # mem ... kick_buf
+    np.uint32, np.uint64, np.uint64, np.int64, np.int32, np.int32,  # st_rtype ... st_gidx
+    np.int32, np.int32, np.int32, np.int64, np.int32,  # grp_remaining ... out_groups
+)  # fmt: skip
+
+
+@numba.njit(cache=True, nogil=True)
+def submit_packed(tab, start, count, notify_fd):  # type: ignore[no-untyped-def]
+    """:func:`submit_requests` of the queue whose arrays ``tab`` holds (:data:`DRIVER_ARRAY_DTYPES`)."""
+    u8, u32, u64, i32, i64 = numba.uint8, numba.uint32, numba.uint64, numba.int32, numba.int64
+    t = table_array
+    return submit_requests(
+        t(tab, 0, u8), t(tab, 1, i64), t(tab, 2, i32), t(tab, 3, i32), t(tab, 4, i32), t(tab, 5, i32),
+        t(tab, 6, i32),
+        t(tab, 8, u32), t(tab, 9, u64), t(tab, 10, u64), t(tab, 11, i64), t(tab, 12, i32), t(tab, 13, i32),
+        start, count, notify_fd, t(tab, 7, u8),
+    )  # fmt: skip
+
+
+@numba.njit(cache=True, nogil=True)
+def harvest_packed(tab):  # type: ignore[no-untyped-def]
+    """:func:`harvest` of the queue whose arrays ``tab`` holds (:data:`DRIVER_ARRAY_DTYPES`)."""
+    i32, i64 = numba.int32, numba.int64
+    t = table_array
+    return harvest(
+        t(tab, 0, numba.uint8), t(tab, 1, i64), t(tab, 2, i32), t(tab, 3, i32), t(tab, 4, i32),
+        t(tab, 5, i32), t(tab, 6, i32),
+        t(tab, 14, i32), t(tab, 15, i32), t(tab, 16, i32), t(tab, 17, i64), t(tab, 18, i32),
+    )  # fmt: skip

@@ -110,6 +110,7 @@ class Ledger:
         q = self.driver.queues[0]
         K.poll_used(self.engine.mem, q.q, 0)
         K.set_interrupts(self.engine.mem, q.q, False)
+        self.engine.warm_up()
 
     @classmethod
     def open(

@@ -32,8 +32,12 @@ ctypes object would make them "dynamic globals" and disable the cache.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import numba
+import numpy as np
+import numpy.typing as npt
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -134,6 +138,32 @@ def as_pointer(typingctx: Any, address: Any, dtype: Any) -> Any:
         return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
 
     return sig, codegen
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def table_array(tab, i, dtype):  # type: ignore[no-untyped-def]
+    """Row ``i`` of an address table (see :func:`address_table`) as a 1-D array of ``dtype``."""
+    return numba.carray(as_pointer(tab[i, 0], dtype), tab[i, 1])  # type: ignore[attr-defined,call-arg]
+
+
+def address_table(arrays: Sequence[Any], dtypes: Sequence[type[np.generic]]) -> npt.NDArray[np.int64] | None:
+    """One int64 row of (address, length) per array, for kernels that rebuild them (:func:`table_array`).
+
+    Entering a Numba kernel costs a type check and an unboxing per argument; a kernel that takes a
+    table instead of many arrays that never change is entered for the price of one.  Only arrays of
+    exactly ``dtypes`` (1-D, C-contiguous, writeable) qualify; otherwise None (pass them as they are).
+    The table holds addresses, not references: the caller keeps the arrays alive while it is used.
+    """
+    if len(arrays) != len(dtypes) or not all(
+        isinstance(a, np.ndarray)
+        and a.dtype == dt
+        and a.ndim == 1
+        and a.flags.c_contiguous
+        and a.flags.writeable
+        for a, dt in zip(arrays, dtypes, strict=True)
+    ):
+        return None
+    return np.array([(a.ctypes.data, a.size) for a in arrays], dtype=np.int64)
 
 
 @intrinsic

@@ -56,7 +56,7 @@ import numpy as np
 
 from . import _device_kernel as D
 from . import _driver_kernels as K
-from ._native import as_pointer
+from ._native import address_table, table_array
 
 RT_DEVICE_ERROR = K.RT_DEVICE_ERROR
 RT_NOTIFY = K.RT_NOTIFY
@@ -142,9 +142,7 @@ TRAP_ARRAY_DTYPES: tuple[type[np.generic], ...] = (
 _HEAD = 14  # arrays before ``slot``
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
-def _arr(tab, i, dtype):  # type: ignore[no-untyped-def]
-    return numba.carray(as_pointer(tab[i, 0], dtype), tab[i, 1])  # type: ignore[attr-defined,call-arg]
+_arr = table_array
 
 
 @numba.njit(cache=True, nogil=True)
@@ -177,24 +175,14 @@ def bind(
     """
     arrays = (*head[:_HEAD], *tail)
     slot = int(head[_HEAD])
-    if not packed or len(head) != _HEAD + 1 or not _packable(arrays):
+    tab = address_table(arrays, TRAP_ARRAY_DTYPES) if packed and len(head) == _HEAD + 1 else None
+    if tab is None:
 
         def call_plain(rtype: int, sector: int, buf: int, nbytes: int, group: int) -> int:
             return int(run_trapped(*head, rtype, sector, buf, nbytes, group, *tail))  # type: ignore[call-arg]
 
         return call_plain
-    tab = np.array([(a.ctypes.data, a.size) for a in arrays], dtype=np.int64)
     call = functools.partial(run_trapped_packed, tab, slot)
     call.arrays = arrays  # type: ignore[attr-defined]  # keeps the addresses in tab valid
     return call
 
-
-def _packable(arrays: Sequence[Any]) -> bool:
-    return len(arrays) == len(TRAP_ARRAY_DTYPES) and all(
-        isinstance(a, np.ndarray)
-        and a.dtype == dt
-        and a.ndim == 1
-        and a.flags.c_contiguous
-        and a.flags.writeable
-        for a, dt in zip(arrays, TRAP_ARRAY_DTYPES, strict=True)
-    )

@@ -52,6 +52,7 @@ import trio
 
 from . import _driver_kernels as K
 from . import _spec as S
+from ._native import address_table
 from .driver import DriverQueue, VirtioBlkDriver
 from .errors import DeviceError, DriverError, IOFailure
 
@@ -168,6 +169,8 @@ class Batch:
 
 #: (the device's gate, run_trapped bound to everything but the request)
 _TrapCall = tuple[npt.NDArray[np.int64], Callable[[int, int, int, int, int], int]]
+#: (the queue state it was made for, its packed kernels' address table, the arrays in the table)
+_QueueTable = tuple[object, npt.NDArray[np.int64], tuple[npt.NDArray[np.generic], ...]]
 #: makes a _TrapCall's callable from run_trapped's arguments before and after the request
 TrapBinder = Callable[[tuple[object, ...], tuple[object, ...]], Callable[[int, int, int, int, int], int]]
 
@@ -208,6 +211,20 @@ class Engine:
         self.st_gidx = np.zeros(staging, dtype=np.int32)
         self.st_head = 0  # first staged request not yet submitted
         self.st_count = 0  # staged requests in total (submitted ones before st_head)
+        # Per queue: its arrays and the engine's, bound once for the packed kernels.  A table holds
+        # addresses only: each entry keeps the arrays it points into, and is used only for the queue
+        # state it was made from.
+        self._qtabs: dict[int, _QueueTable] = {}
+        for q in self.queues:
+            arrays = (
+                self.mem, q.state.q, q.state.free_next, q.state.chain_next, q.state.head_ndesc,
+                q.state.head_group, q.state.head_gidx, q.state.kick_buf,
+                self.st_rtype, self.st_sector, self.st_buf, self.st_nbytes, self.st_group, self.st_gidx,
+                self.grp_remaining, self.grp_err_status, self.grp_err_idx, self.grp_bytes, self.out_groups,
+            )  # fmt: skip
+            tab = address_table(arrays, K.DRIVER_ARRAY_DTYPES)
+            if tab is not None:
+                self._qtabs[q.index] = (q.state, tab, arrays)
         # Queues whose notify traps (the device serves them on this thread before the register
         # write returns) and queues with a worker thread.  Every queue (None) lists the workers
         # first: a batch dealt out in shares reaches them before a trapped queue serves its own
@@ -318,15 +335,20 @@ class Engine:
             q = queues[rr]
             qs = q.state
             rr = (rr + 1) % nq
-            kicks = q.q[K.Q_KICKS]
-            done = K.submit_requests(
-                self.mem, q.q, qs.free_next, qs.chain_next, qs.head_ndesc, qs.head_group, qs.head_gidx,
-                self.st_rtype, self.st_sector, self.st_buf, self.st_nbytes, self.st_group, self.st_gidx,
-                self.st_head, min(share, self.st_count - self.st_head), q.notify_fd, qs.kick_buf,
-            )  # fmt: skip
+            kicks = qs.q[K.Q_KICKS]
+            bound = self._qtabs.get(q.index)
+            if bound is not None and bound[0] is qs:
+                count = min(share, self.st_count - self.st_head)
+                done = K.submit_packed(bound[1], self.st_head, count, q.notify_fd)
+            else:
+                done = K.submit_requests(
+                    self.mem, qs.q, qs.free_next, qs.chain_next, qs.head_ndesc, qs.head_group, qs.head_gidx,
+                    self.st_rtype, self.st_sector, self.st_buf, self.st_nbytes, self.st_group, self.st_gidx,
+                    self.st_head, min(share, self.st_count - self.st_head), q.notify_fd, qs.kick_buf,
+                )  # fmt: skip
             self.st_head += done
             total += done
-            if q.notify_fd < 0 and q.q[K.Q_KICKS] != kicks:
+            if q.notify_fd < 0 and qs.q[K.Q_KICKS] != kicks:
                 # No ioeventfd: the kick is the register write (which may serve the queue before
                 # it returns, as a trapped MMIO write does).
                 self.driver.transport.write32(S.VIRTIO_MMIO_QUEUE_NOTIFY, q.index)
@@ -337,6 +359,14 @@ class Engine:
         elif route is not None:
             total += self.flush()  # the preferred queues are full: any queue will do
         return total
+
+    def warm_up(self) -> None:
+        """Load the packed kernels now (publishing nothing, harvesting what is there), not in a loop."""
+        for q in self.queues:
+            bound = self._qtabs.get(q.index)
+            if bound is not None and bound[0] is q.state:
+                K.submit_packed(bound[1], 0, 0, -1)
+                self.harvest(q)
 
     def run_trapped(self, g: int, rtype: int, sector: int, buf: int, nbytes: int) -> int:
         """Run one request, all of group ``g``, on an idle trapped queue in one kernel call.
@@ -404,10 +434,14 @@ class Engine:
     def harvest(self, q: DriverQueue) -> int:
         """Consume q's used entries and run the callbacks of completed groups."""
         qs = q.state
-        n = K.harvest(
-            self.mem, qs.q, qs.free_next, qs.chain_next, qs.head_ndesc, qs.head_group, qs.head_gidx,
-            self.grp_remaining, self.grp_err_status, self.grp_err_idx, self.grp_bytes, self.out_groups,
-        )  # fmt: skip
+        bound = self._qtabs.get(q.index)
+        if bound is not None and bound[0] is qs:
+            n = K.harvest_packed(bound[1])
+        else:
+            n = K.harvest(
+                self.mem, qs.q, qs.free_next, qs.chain_next, qs.head_ndesc, qs.head_group, qs.head_gidx,
+                self.grp_remaining, self.grp_err_status, self.grp_err_idx, self.grp_bytes, self.out_groups,
+            )  # fmt: skip
         if n < 0:
             self.fail(DeviceError(f"queue {q.index}: " + _queue_error(q)))
             return 0
