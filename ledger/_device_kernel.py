@@ -174,10 +174,11 @@ P_SPIN_NS = 18
 SPIN_MIN_NS = 4_000  # the polling window never shrinks below this
 P_SINGLE_PASS = 19
 P_INDIRECT_MAX = 20
-P_DIRECT_FD = 21  # O_DIRECT descriptor of the image for large aligned reads, or -1
+P_DIRECT_FD = 21  # O_DIRECT descriptor of the image for large aligned reads (and writes), or -1
 P_WRITE_BEHIND_MIN = 22  # a worker starts write-back of written image ranges this large (0: never)
 P_DIRECT_MIN = 23  # reads of at least this many bytes (4 KiB-aligned) use P_DIRECT_FD
-P_SIZE = 24
+P_DIRECT_WRITES = 24  # 1: writes of P_DIRECT_MIN bytes or more (aligned) also use P_DIRECT_FD
+P_SIZE = 25
 #: P_DIRECT_MIN of a file backend with direct reads, unless it asks for another: reads of at least
 #: this many bytes (4 KiB-aligned in guest memory and on the image) use P_DIRECT_FD
 DIRECT_MIN = 128 * 1024
@@ -215,7 +216,8 @@ C_DIRECT_BYTES = 12  # bytes read through P_DIRECT_FD
 C_WB_LO = 13  # image byte range [C_WB_LO, C_WB_HI) written by this pass, for write-behind
 C_WB_HI = 14
 C_WB_BYTES = 15  # bytes whose write-back a worker started early (write-behind)
-C_SIZE = 16
+C_DIRECT_WRITTEN = 16  # bytes written through P_DIRECT_FD
+C_SIZE = 17
 
 # --- wc[]: volatile write cache (power-cut simulation) -------------------------
 W_ON = 0  # 1: writes go through the volatile cache
@@ -467,10 +469,12 @@ def image_io(
     The stream is the concatenation of the readable (``want_write`` False) or
     writable segments; the first ``skip`` bytes of it are passed over (the
     request header).  ``is_write``: image <- guest (pwrite), else guest <- image
-    (pread).  A read segment of ``direct_min`` bytes or more whose guest address,
-    image offset and length are ``DIRECT_ALIGN``-aligned is read through
-    ``direct_fd`` when there is one (counted in ``ctl[C_DIRECT_BYTES]``); if the
-    kernel refuses it (EINVAL: a stricter alignment), through ``image_fd``.
+    (pread).  A segment of ``direct_min`` bytes or more whose guest address,
+    image offset and length are ``DIRECT_ALIGN``-aligned moves through
+    ``direct_fd`` when there is one (counted in ``ctl[C_DIRECT_BYTES]`` or
+    ``ctl[C_DIRECT_WRITTEN]``); if the kernel refuses it (EINVAL: a stricter
+    alignment), through ``image_fd``.  Callers pass ``direct_fd`` -1 for writes
+    unless the backend asked for direct writes.
     Returns 0 or an errno.
     """
     at = 0
@@ -499,15 +503,14 @@ def image_io(
         else:
             e = EINVAL  # "use the page cache": the direct read was not tried, or was refused
             if (
-                not is_write
-                and direct_fd >= 0
+                direct_fd >= 0
                 and k >= direct_min
                 and (k | (img + done)) % DIRECT_ALIGN == 0
                 and address_of(mem, o) % DIRECT_ALIGN == 0
             ):
-                e = rw_file(direct_fd, mem, o, k, img + done, False)
+                e = rw_file(direct_fd, mem, o, k, img + done, is_write)
                 if e == 0:
-                    ctl[C_DIRECT_BYTES] += k
+                    ctl[C_DIRECT_WRITTEN if is_write else C_DIRECT_BYTES] += k
             if e == EINVAL:
                 e = rw_file(image_fd, mem, o, k, img + done, is_write)
             if e != 0:
@@ -701,7 +704,10 @@ def handle_request(
             ctl[C_BYTES_READ] += n
             res[1] = n + 1
         else:
-            e = image_io(mem, segs, nseg, False, 16, n, sector * 512, image_fd, ram, True, -1, 0, ctl)
+            e = image_io(
+                mem, segs, nseg, False, 16, n, sector * 512, image_fd, ram, True,
+                p[P_DIRECT_FD] if p[P_DIRECT_WRITES] else -1, p[P_DIRECT_MIN], ctl,
+            )  # fmt: skip
             if e != 0:
                 diag_put(diag, D_IO_ERROR, q, seq, head, head, rtype, sector, e, OP_PWRITE, 0)
                 return

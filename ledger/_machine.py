@@ -120,18 +120,19 @@ class Ledger:
         read_only: bool = False,
         direct_reads: bool = False,
         direct_min: int = DIRECT_MIN,
+        direct_writes: bool = False,
         write_behind: bool = True,
         **kwargs: Any,
     ) -> Ledger:
         """A ledger on an image file (which must exist and be a multiple of 512 bytes).
 
         ``direct_reads``: aligned reads of ``direct_min`` bytes or more go around the host page
-        cache; ``write_behind``: workers start the write-back of large writes once they completed
-        them (:class:`FileBackend`).
+        cache (``direct_writes``: writes too); ``write_behind``: workers start the write-back of
+        large writes once they completed them (:class:`FileBackend`).
         """
         backend = FileBackend(
             Path(path), read_only=read_only, direct_reads=direct_reads, direct_min=direct_min,
-            write_behind=write_behind,
+            direct_writes=direct_writes, write_behind=write_behind,
         )  # fmt: skip
         try:
             return cls(backend, **kwargs)

@@ -75,6 +75,8 @@ class Backend:
     direct_fd: int = -1
     #: reads of at least this many bytes (4 KiB-aligned) go through ``direct_fd``
     direct_min: int = K.DIRECT_MIN
+    #: writes of ``direct_min`` bytes or more (aligned) go through ``direct_fd`` too
+    direct_writes: bool = False
     #: a worker starts the write-back of image writes at least this large (0: never; file backends)
     write_behind_min: int = 0
     ram: npt.NDArray[np.uint8] = _EMPTY
@@ -250,6 +252,11 @@ class FileBackend(Backend):
             before a direct read of it, so such a read sees every completed write.
         direct_min: with ``direct_reads``, the smallest read that goes around the page cache (a
             multiple of 4096; default ``DIRECT_MIN``, 128 KiB).
+        direct_writes: with ``direct_reads``, writes of ``direct_min`` bytes or more (aligned) go
+            around the page cache too: the O_DIRECT descriptor is opened read-write.  They are no
+            more durable for it (the disk may cache them): a FLUSH (``fdatasync``) still is what
+            makes them so.  The kernel drops the range's cached pages after such a write, so a
+            later read through the page cache sees it.
         write_behind: after a worker queue completes a write of ``WRITE_BEHIND_MIN`` bytes or
             more, it asks the host to start writing those pages back (``SYNC_FILE_RANGE_WRITE``,
             which does not wait), instead of leaving them dirty until a FLUSH or the host's
@@ -268,11 +275,13 @@ class FileBackend(Backend):
         read_only: bool = False,
         direct_reads: bool = False,
         direct_min: int = K.DIRECT_MIN,
+        direct_writes: bool = False,
         write_behind: bool = True,
     ) -> None:
         if direct_min < K.DIRECT_ALIGN or direct_min % K.DIRECT_ALIGN:
             raise ValueError(f"direct_min {direct_min} is not a positive multiple of {K.DIRECT_ALIGN}")
         self.direct_min = direct_min
+        self.direct_writes = direct_reads and direct_writes and not read_only
         self.path = os.fspath(path)
         self.read_only = read_only
         self.name = os.path.basename(self.path) or "image"
@@ -293,9 +302,11 @@ class FileBackend(Backend):
         self.write_behind_min = K.WRITE_BEHIND_MIN if write_behind and not read_only else 0
         if direct_reads:
             try:
-                self.direct_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+                mode = os.O_RDWR if self.direct_writes else os.O_RDONLY
+                self.direct_fd = os.open(self.path, mode | os.O_DIRECT | os.O_CLOEXEC)
             except OSError:
                 self.direct_fd = -1  # no O_DIRECT here (tmpfs, some FUSE filesystems): page cache only
+                self.direct_writes = False
 
     def close(self) -> None:
         if self.direct_fd >= 0:

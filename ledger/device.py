@@ -635,6 +635,7 @@ class VirtioBlkDevice:
         p[K.P_IMAGE_FD] = self.backend.image_fd
         p[K.P_DIRECT_FD] = self.backend.direct_fd
         p[K.P_DIRECT_MIN] = self.backend.direct_min
+        p[K.P_DIRECT_WRITES] = int(self.backend.direct_writes)
         p[K.P_WRITE_BEHIND_MIN] = self.backend.write_behind_min
         p[K.P_CAPACITY] = self.backend.capacity
         p[K.P_MAX_DISCARD_SECTORS] = MAX_DISCARD_SECTORS

@@ -72,6 +72,9 @@ options:
                         device reads the image with O_DIRECT (no copy, no double caching; like QEMU's
                         cache=none, for reads only); writes and smaller reads use the page cache
   -o directread=KIB     the same, for aligned reads of KIB KiB or more (a multiple of 4)
+  -o directwrite (default)  with directread, writes of that size (aligned) go to the image with
+                        O_DIRECT too; a FLUSH (fsync) still makes them durable
+  -o nodirectwrite      every write through the host page cache
   -o nodirectread       every read through the host page cache (faster for large reads of image
                         data the host still caches, slower and erratic when it does not)
   -o writebehind (default)  once a device worker completed a large write (256 KiB or more), it
@@ -137,6 +140,7 @@ class MountOptions:
     lone_trap: bool = True  # iothreads: a trapped queue for lone requests (iothreads=all: False)
     direct_reads: bool = True
     direct_min_kib: int = 128
+    direct_writes: bool = True
     write_behind: bool = True
     fetch_ahead: bool = True
     readdirplus: str = "auto"
@@ -211,6 +215,8 @@ def _apply(o: MountOptions, opt: str) -> None:
         if kib < 4 or kib % 4:
             raise UsageError(f"option {opt!r}: the smallest direct read is a multiple of 4 KiB")
         o.direct_reads, o.direct_min_kib = True, kib
+    elif name in ("directwrite", "nodirectwrite"):
+        o.direct_writes = name == "directwrite"
     elif name in ("writebehind", "nowritebehind"):
         o.write_behind = name == "writebehind"
     elif name in ("fetchahead", "nofetchahead"):
@@ -383,6 +389,7 @@ class _Daemon:
                 read_only=o.read_only,
                 direct_reads=o.direct_reads,
                 direct_min=o.direct_min_kib * 1024,
+                direct_writes=o.direct_writes,
                 write_behind=o.write_behind,
                 num_queues=2,
                 notify=notify,

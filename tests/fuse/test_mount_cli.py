@@ -32,6 +32,8 @@ def test_parse_args_mount8_convention() -> None:
     assert not parse_args(["a", "b", "-o", "nodirectread"]).direct_reads
     assert parse_args(["a", "b", "-o", "nodirectread,directread"]).direct_reads
     assert parse_args(["a", "b"]).direct_min_kib == 128
+    assert parse_args(["a", "b"]).direct_writes
+    assert not parse_args(["a", "b", "-o", "nodirectwrite"]).direct_writes
     o = parse_args(["a", "b", "-o", "nodirectread,directread=64"])
     assert o.direct_reads and o.direct_min_kib == 64
     assert parse_args(["a", "b"]).write_behind

@@ -744,3 +744,55 @@ def test_the_smallest_direct_read_is_the_backends_choice(tmp_path) -> None:
             assert _direct_bytes(led) == d0
             assert blk.read(64, 16) == data[:8192]  # 8 KiB, aligned: direct
             assert _direct_bytes(led) == d0 + 8192
+
+
+def test_direct_writes_go_around_the_page_cache_and_read_back_every_way(tmp_path) -> None:
+    """``direct_writes``: aligned writes of ``direct_min`` bytes or more go through the O_DIRECT
+    descriptor (opened read-write for it), smaller ones through the page cache; every read - small
+    through the page cache, large and direct - returns the last write, a FLUSH completes, and the
+    image file holds the data afterwards.  Without ``direct_reads`` (or read-only) there are none."""
+    import fcntl
+    import tempfile
+
+    from ledger import _device_kernel as DK
+    from ledger.backend import FileBackend
+
+    def written(led: Ledger) -> int:
+        assert led.device is not None
+        return sum(int(q.ctl[DK.C_DIRECT_WRITTEN]) for q in led.device._queues)
+
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
+        img = os.path.join(d, "disk.img")
+        with open(img, "wb") as f:
+            f.truncate(8 * MB)
+        probe = FileBackend(img, direct_reads=True, direct_writes=True)
+        ok = probe.direct_fd >= 0
+        if ok:
+            assert fcntl.fcntl(probe.direct_fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
+        probe.close()
+        if not ok:
+            pytest.skip("no O_DIRECT on /var/tmp")
+        assert not FileBackend(img, direct_writes=True).direct_writes  # needs direct_reads
+        ro = FileBackend(img, read_only=True, direct_reads=True, direct_writes=True)
+        assert not ro.direct_writes
+        ro.close()
+        rng = random.Random(8)
+        model = bytearray(8 * MB)
+        with Ledger.open(img, num_queues=2, direct_reads=True, direct_writes=True) as led:
+            blk = led.sync()
+            for rnd in range(4):
+                big = rng.randbytes(2 * MB)
+                s = rng.randrange(0, 6 * MB // 4096) * 8  # 4 KiB-aligned
+                w0 = written(led)
+                blk.write(s, big)
+                model[s * 512 : s * 512 + len(big)] = big
+                assert written(led) - w0 == 2 * MB
+                small = rng.randbytes(4096)
+                blk.write(s + 16, small)  # inside the big one, through the page cache
+                model[(s + 16) * 512 : (s + 16) * 512 + 4096] = small
+                assert written(led) - w0 == 2 * MB
+                assert blk.read(s + 8, 8) == bytes(model[(s + 8) * 512 : (s + 16) * 512])  # page cache
+                assert blk.read(s, 4096) == bytes(model[s * 512 : s * 512 + 2 * MB]), rnd  # direct
+            blk.flush()
+        with open(img, "rb") as f:
+            assert f.read() == bytes(model)
