@@ -177,7 +177,7 @@ P_INDIRECT_MAX = 20
 P_DIRECT_FD = 21  # O_DIRECT descriptor of the image for large aligned reads (and writes), or -1
 P_WRITE_BEHIND_MIN = 22  # a worker starts write-back of written image ranges this large (0: never)
 P_DIRECT_MIN = 23  # reads of at least this many bytes (4 KiB-aligned) use P_DIRECT_FD
-P_DIRECT_WRITES = 24  # 1: writes of P_DIRECT_MIN bytes or more (aligned) also use P_DIRECT_FD
+P_DIRECT_WRITES = 24  # 1: worker queues' writes of P_DIRECT_MIN bytes or more (aligned) use P_DIRECT_FD
 P_SIZE = 25
 #: P_DIRECT_MIN of a file backend with direct reads, unless it asks for another: reads of at least
 #: this many bytes (4 KiB-aligned in guest memory and on the image) use P_DIRECT_FD
@@ -704,16 +704,27 @@ def handle_request(
             ctl[C_BYTES_READ] += n
             res[1] = n + 1
         else:
+            # Direct writes only from a worker: a trapped queue serves on the notifier's thread,
+            # which would wait for the disk instead of a page-cache copy.
+            direct = p[P_DIRECT_WRITES] != 0 and p[P_SINGLE_PASS] == 0
+            before = ctl[C_DIRECT_WRITTEN]
             e = image_io(
                 mem, segs, nseg, False, 16, n, sector * 512, image_fd, ram, True,
-                p[P_DIRECT_FD] if p[P_DIRECT_WRITES] else -1, p[P_DIRECT_MIN], ctl,
+                p[P_DIRECT_FD] if direct else -1, p[P_DIRECT_MIN], ctl,
             )  # fmt: skip
             if e != 0:
                 diag_put(diag, D_IO_ERROR, q, seq, head, head, rtype, sector, e, OP_PWRITE, 0)
                 return
             ctl[C_BYTES_WRITTEN] += n
             wb_min = p[P_WRITE_BEHIND_MIN]
-            if wb_min > 0 and n >= wb_min and image_fd >= 0 and not cached and not through:
+            if (
+                wb_min > 0
+                and n >= wb_min
+                and image_fd >= 0
+                and not cached
+                and not through
+                and ctl[C_DIRECT_WRITTEN] - before < n  # some of it is in the page cache
+            ):
                 lo = sector * 512
                 if ctl[C_WB_HI] <= ctl[C_WB_LO]:
                     ctl[C_WB_LO] = lo

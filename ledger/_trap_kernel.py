@@ -21,7 +21,7 @@ caller writes the register, whose refusal leaves the diagnostic a driver author 
 
 This module is the one place where the driver's and the device's kernels meet, as
 ``ledger._machine`` is the one place where their objects do: the driver never imports the
-device.  ``Ledger`` hands this kernel to the driver's engine (``Engine(trap_runner=...)``),
+device.  ``Ledger`` hands this kernel to the driver's engine (``Engine(trap_binder=bind)``),
 and the device hands out the gate and its arguments (``trap_target``).
 
 Nothing is trusted more than on the register path: ``serve_queue`` checks every

@@ -71,7 +71,7 @@ class Backend:
     """What the device needs from a backend (see the module docstring)."""
 
     image_fd: int = -1
-    #: an ``O_DIRECT`` descriptor of the same image for large aligned reads, or -1
+    #: an ``O_DIRECT`` descriptor of the same image for large aligned reads (and writes), or -1
     direct_fd: int = -1
     #: reads of at least this many bytes (4 KiB-aligned) go through ``direct_fd``
     direct_min: int = K.DIRECT_MIN
@@ -247,13 +247,16 @@ class FileBackend(Backend):
         path: an existing image whose size is a positive multiple of 512.
         read_only: open ``O_RDONLY``; the device then offers VIRTIO_BLK_F_RO.
         direct_reads: also open the image ``O_DIRECT`` for large aligned reads (ignored where the
-            filesystem refuses ``O_DIRECT``, e.g. tmpfs).  Writes always go through the page cache
-            (a FLUSH makes them durable); the kernel writes dirty cached pages of a range back
-            before a direct read of it, so such a read sees every completed write.
+            filesystem refuses ``O_DIRECT``, e.g. tmpfs).  Writes go through the page cache unless
+            ``direct_writes`` (a FLUSH makes them durable either way); the kernel writes dirty
+            cached pages of a range back before a direct read of it, so such a read sees every
+            completed write.
         direct_min: with ``direct_reads``, the smallest read that goes around the page cache (a
             multiple of 4096; default ``DIRECT_MIN``, 128 KiB).
-        direct_writes: with ``direct_reads``, writes of ``direct_min`` bytes or more (aligned) go
-            around the page cache too: the O_DIRECT descriptor is opened read-write.  They are no
+        direct_writes: with ``direct_reads``, writes of ``direct_min`` bytes or more (aligned) that
+            a worker queue serves go around the page cache too (a trapped queue's would make the
+            notifier wait for the disk): the O_DIRECT descriptor is opened read-write (read-only,
+            and no direct writes, where that fails).  They are no
             more durable for it (the disk may cache them): a FLUSH (``fdatasync``) still is what
             makes them so.  The kernel drops the range's cached pages after such a write, so a
             later read through the page cache sees it.
@@ -301,12 +304,14 @@ class FileBackend(Backend):
         self.nbytes = size
         self.write_behind_min = K.WRITE_BEHIND_MIN if write_behind and not read_only else 0
         if direct_reads:
-            try:
-                mode = os.O_RDWR if self.direct_writes else os.O_RDONLY
-                self.direct_fd = os.open(self.path, mode | os.O_DIRECT | os.O_CLOEXEC)
-            except OSError:
-                self.direct_fd = -1  # no O_DIRECT here (tmpfs, some FUSE filesystems): page cache only
-                self.direct_writes = False
+            self.direct_fd = -1
+            for mode in (os.O_RDWR, os.O_RDONLY) if self.direct_writes else (os.O_RDONLY,):
+                try:
+                    self.direct_fd = os.open(self.path, mode | os.O_DIRECT | os.O_CLOEXEC)
+                    break
+                except OSError:
+                    self.direct_writes = False  # reads only, or (tmpfs, some FUSE filesystems) none
+
 
     def close(self) -> None:
         if self.direct_fd >= 0:

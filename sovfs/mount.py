@@ -70,13 +70,14 @@ options:
   -o noiothreads        every request served on the daemon's thread: no I/O overlap at all
   -o directread (default)  large reads (128 KiB or more, aligned) bypass the host page cache: the
                         device reads the image with O_DIRECT (no copy, no double caching; like QEMU's
-                        cache=none, for reads only); writes and smaller reads use the page cache
+                        cache=none); smaller reads use the page cache
   -o directread=KIB     the same, for aligned reads of KIB KiB or more (a multiple of 4)
-  -o directwrite (default)  with directread, writes of that size (aligned) go to the image with
-                        O_DIRECT too; a FLUSH (fsync) still makes them durable
+  -o nodirectread       every read and write through the host page cache (faster for large reads
+                        of image data the host still caches, slower and erratic when it does not)
+  -o directwrite (default)  with directread, writes of that size (aligned) that a device worker
+                        serves go to the image with O_DIRECT too; a FLUSH (fsync) still makes them
+                        durable
   -o nodirectwrite      every write through the host page cache
-  -o nodirectread       every read through the host page cache (faster for large reads of image
-                        data the host still caches, slower and erratic when it does not)
   -o writebehind (default)  once a device worker completed a large write (256 KiB or more), it
                         starts the host's write-back of it: an fsync after a bulk write has little
                         left to write (needs a worker thread: none with noiothreads)
@@ -215,17 +216,17 @@ def _apply(o: MountOptions, opt: str) -> None:
         if kib < 4 or kib % 4:
             raise UsageError(f"option {opt!r}: the smallest direct read is a multiple of 4 KiB")
         o.direct_reads, o.direct_min_kib = True, kib
-    elif name in ("directwrite", "nodirectwrite"):
+    elif name in ("directwrite", "nodirectwrite") and not eq:
         o.direct_writes = name == "directwrite"
-    elif name in ("writebehind", "nowritebehind"):
+    elif name in ("writebehind", "nowritebehind") and not eq:
         o.write_behind = name == "writebehind"
-    elif name in ("fetchahead", "nofetchahead"):
+    elif name in ("fetchahead", "nofetchahead") and not eq:
         o.fetch_ahead = name == "fetchahead"
     elif name == "readdirplus":
         if value not in ("auto", "yes", "no"):
             raise UsageError(f"option {opt!r}: readdirplus=auto, readdirplus=yes or readdirplus=no")
         o.readdirplus = value
-    elif name in ("fastwait", "nofastwait"):
+    elif name in ("fastwait", "nofastwait") and not eq:
         o.fastwait = name == "fastwait"
     elif name in ("relatime", "noatime", "strictatime"):
         o.atime = name

@@ -55,7 +55,8 @@ def test_parse_args_mount8_convention() -> None:
                 ["a", "b", "-o", "reqspin=x"], ["a", "b", "-q"], ["a", "b", "-o", "readdirplus"],
                 ["a", "b", "-o", "readdirplus=maybe"], ["a", "b", "-o", "directread=6"],
                 ["a", "b", "-o", "directread=0"], ["a", "b", "-o", "directread=x"],
-                ["a", "b", "-o", "nodirectread=4"]):
+                ["a", "b", "-o", "nodirectread=4"], ["a", "b", "-o", "directwrite=0"],
+                ["a", "b", "-o", "fastwait=1"]):
         with pytest.raises(UsageError):
             parse_args(bad)
 

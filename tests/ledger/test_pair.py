@@ -796,3 +796,50 @@ def test_direct_writes_go_around_the_page_cache_and_read_back_every_way(tmp_path
             blk.flush()
         with open(img, "rb") as f:
             assert f.read() == bytes(model)
+
+
+def test_direct_writes_only_from_workers_and_without_write_behind() -> None:
+    """With ``direct_writes``: a large aligned write a worker serves goes direct and is not written
+    behind (it left no dirty pages); the same write served by a trapped queue (on the notifier's
+    thread) goes through the page cache.  The data is the same either way."""
+    import tempfile
+
+    from ledger import _device_kernel as DK
+    from ledger.backend import FileBackend
+
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
+        img = os.path.join(d, "disk.img")
+        with open(img, "wb") as f:
+            f.truncate(8 * MB)
+        probe = FileBackend(img, direct_reads=True, direct_writes=True)
+        ok = probe.direct_writes
+        probe.close()
+        if not ok:
+            pytest.skip("no read-write O_DIRECT on /var/tmp")
+        rng = random.Random(6)
+        big = rng.randbytes(MB)
+        pair = {"num_queues": 2, "device_queues": 2, "notify": ("trap", "eventfd")}
+        with Ledger.open(img, direct_reads=True, direct_writes=True, **pair) as led:
+            assert led.device is not None
+            trapped = led.device.trapped.index(True)
+            worker = 1 - trapped
+            blk = led.sync()
+            blk.write(2048, big)  # large: the front end sends it to the worker
+            written = _queue_counters(led, DK.C_DIRECT_WRITTEN)
+            assert written[worker] == MB and written[trapped] == 0
+            time.sleep(0.05)
+            assert _queue_counters(led, DK.C_WB_BYTES) == [0, 0]
+            assert blk.read(2048, MB // 512) == big
+            blk.flush()
+        with Ledger.open(img, direct_reads=True, direct_writes=True, num_queues=1, device_queues=1,
+                         notify="trap") as led:  # fmt: skip
+            blk = led.sync()
+            half = rng.randbytes(MB // 2)
+            blk.write(4096, half)  # served on this thread: through the page cache
+            assert _queue_counters(led, DK.C_DIRECT_WRITTEN) == [0]
+            assert blk.read(4096, MB // 1024) == half
+            blk.flush()
+        with open(img, "rb") as f:
+            raw = f.read()
+        assert raw[2048 * 512 : 2048 * 512 + MB] == big
+        assert raw[4096 * 512 : 4096 * 512 + MB // 2] == half
