@@ -176,7 +176,7 @@ P_SINGLE_PASS = 19
 P_INDIRECT_MAX = 20
 P_DIRECT_FD = 21  # O_DIRECT descriptor of the image for large aligned reads (and writes), or -1
 P_WRITE_BEHIND_MIN = 22  # a worker starts write-back of written image ranges this large (0: never)
-P_DIRECT_MIN = 23  # reads of at least this many bytes (4 KiB-aligned) use P_DIRECT_FD
+P_DIRECT_MIN = 23  # reads (and direct writes) of at least this many bytes (4 KiB-aligned) use P_DIRECT_FD
 P_DIRECT_WRITES = 24  # 1: worker queues' writes of P_DIRECT_MIN bytes or more (aligned) use P_DIRECT_FD
 P_SIZE = 25
 #: P_DIRECT_MIN of a file backend with direct reads, unless it asks for another: reads of at least
