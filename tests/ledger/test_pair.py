@@ -257,6 +257,20 @@ def test_file_backend_round_trip_and_flush(tmp_path) -> None:
     assert img.read_bytes()[100 * 512 : 100 * 512 + MB] == data
 
 
+def _o_direct_image(where: str | os.PathLike[str], nbytes: int, *, writes: bool = False) -> str | None:
+    """A zeroed image of ``nbytes`` in ``where`` if its filesystem takes O_DIRECT (read-write too
+    with ``writes``), else None."""
+    from ledger.backend import FileBackend
+
+    img = os.path.join(where, "disk.img")
+    with open(img, "wb") as f:
+        f.truncate(nbytes)
+    probe = FileBackend(img, direct_reads=True, direct_writes=writes)
+    ok = probe.direct_fd >= 0 and (probe.direct_writes or not writes)
+    probe.close()
+    return img if ok else None
+
+
 def _direct_bytes(led: Ledger) -> int:
     from ledger import _device_kernel as DK
 
@@ -273,19 +287,10 @@ def test_large_aligned_reads_go_around_the_page_cache_and_see_every_write(tmp_pa
     import tempfile
 
     from ledger import _device_kernel as DK
-    from ledger.backend import FileBackend
 
     with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
-        for where in (tmp_path, d):
-            img = os.path.join(where, "disk.img")
-            with open(img, "wb") as f:
-                f.truncate(8 * MB)
-            probe = FileBackend(img, direct_reads=True)
-            ok = probe.direct_fd >= 0
-            probe.close()
-            if ok:
-                break
-        else:
+        img = _o_direct_image(tmp_path, 8 * MB) or _o_direct_image(d, 8 * MB)
+        if img is None:
             pytest.skip("no filesystem here accepts O_DIRECT")
         rng = random.Random(11)
         big = DK.DIRECT_MIN
@@ -727,13 +732,8 @@ def test_the_smallest_direct_read_is_the_backends_choice(tmp_path) -> None:
     with pytest.raises(ValueError, match="multiple of 4096"):
         FileBackend(tmp_path / "none.img", direct_reads=True, direct_min=1000)
     with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
-        img = os.path.join(d, "disk.img")
-        with open(img, "wb") as f:
-            f.truncate(4 * MB)
-        probe = FileBackend(img, direct_reads=True)
-        ok = probe.direct_fd >= 0
-        probe.close()
-        if not ok:
+        img = _o_direct_image(d, 4 * MB)
+        if img is None:
             pytest.skip("no O_DIRECT on /var/tmp")
         data = random.Random(4).randbytes(64 << 10)
         with Ledger.open(img, num_queues=1, device_queues=1, direct_reads=True, direct_min=8192) as led:
@@ -762,16 +762,12 @@ def test_direct_writes_go_around_the_page_cache_and_read_back_every_way(tmp_path
         return sum(int(q.ctl[DK.C_DIRECT_WRITTEN]) for q in led.device._queues)
 
     with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
-        img = os.path.join(d, "disk.img")
-        with open(img, "wb") as f:
-            f.truncate(8 * MB)
+        img = _o_direct_image(d, 8 * MB, writes=True)
+        if img is None:
+            pytest.skip("no read-write O_DIRECT on /var/tmp")
         probe = FileBackend(img, direct_reads=True, direct_writes=True)
-        ok = probe.direct_fd >= 0
-        if ok:
-            assert fcntl.fcntl(probe.direct_fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
+        assert fcntl.fcntl(probe.direct_fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
         probe.close()
-        if not ok:
-            pytest.skip("no O_DIRECT on /var/tmp")
         assert not FileBackend(img, direct_writes=True).direct_writes  # needs direct_reads
         ro = FileBackend(img, read_only=True, direct_reads=True, direct_writes=True)
         assert not ro.direct_writes
@@ -805,16 +801,10 @@ def test_direct_writes_only_from_workers_and_without_write_behind() -> None:
     import tempfile
 
     from ledger import _device_kernel as DK
-    from ledger.backend import FileBackend
 
     with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
-        img = os.path.join(d, "disk.img")
-        with open(img, "wb") as f:
-            f.truncate(8 * MB)
-        probe = FileBackend(img, direct_reads=True, direct_writes=True)
-        ok = probe.direct_writes
-        probe.close()
-        if not ok:
+        img = _o_direct_image(d, 8 * MB, writes=True)
+        if img is None:
             pytest.skip("no read-write O_DIRECT on /var/tmp")
         rng = random.Random(6)
         big = rng.randbytes(MB)
