@@ -30,11 +30,12 @@ def test_floor_run(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     lines = p.stdout.strip().splitlines()
     rows = [line for line in lines if " IOPS " in line or " ops/s " in line]
-    assert len(rows) == 20  # 4 filesystems x (3 fio jobs + create + unlink)
+    assert len(rows) == 24  # 4 filesystems x (3 fio jobs + create + unlink + getxattr)
     for row in rows:
         rate = float(re.search(r"([\d,]+) (IOPS|ops/s)", row).group(1).replace(",", ""))  # type: ignore[union-attr]
         assert rate > 0
     summary = (r"fuse-floor sovfs_vs_floor_randread=[\d.]+ sovfs_vs_floor_randwrite=[\d.]+"
-               r" sovfs_vs_floor_create=[\d.]+ fastwait_gain_randread_nj4=[\d.]+")
+               r" sovfs_vs_floor_create=[\d.]+ sovfs_vs_floor_getxattr=[\d.]+"
+               r" fastwait_gain_randread_nj4=[\d.]+")
     assert re.fullmatch(summary, lines[-1])
     assert fuse_mounts() == before
