@@ -317,7 +317,14 @@ class VirtioBlkDevice:
         self._diags.clear()
 
     def stats(self) -> dict[str, Any]:
-        """Requests served and bytes moved, per queue."""
+        """Requests served and bytes moved, per queue.
+
+        Per queue: ``requests`` and ``errors`` (completed with a status other than OK),
+        ``bytes_read`` / ``bytes_written`` (of which ``direct_read`` / ``direct_written`` went
+        through the backend's O_DIRECT descriptor), ``write_behind`` (bytes whose host write-back a
+        worker started), ``interrupts`` raised, ``sleeps`` (times its worker slept on the kick fd
+        after polling), ``trapped`` (served on the notifier's thread) and ``running``/``broken``.
+        """
         qs = []
         for q in self._queues:
             c = q.ctl
@@ -329,6 +336,10 @@ class VirtioBlkDevice:
                     "errors": int(c[K.C_ERRORS]),
                     "bytes_read": int(c[K.C_BYTES_READ]),
                     "bytes_written": int(c[K.C_BYTES_WRITTEN]),
+                    "direct_read": int(c[K.C_DIRECT_BYTES]),
+                    "direct_written": int(c[K.C_DIRECT_WRITTEN]),
+                    "write_behind": int(c[K.C_WB_BYTES]),
+                    "trapped": self.trapped[q.index],
                     "interrupts": int(c[K.C_INTERRUPTS]),
                     "sleeps": int(c[K.C_SLEEPS]),
                     "last_avail_idx": int(c[K.C_LAST_AVAIL]),

@@ -82,6 +82,12 @@ class LedgerBlockDevice:
     def flush(self) -> None:
         self._blk.flush()
 
+    def stats(self) -> dict[str, Any] | None:
+        """The ledger device's per-queue statistics (``VirtioBlkDevice.stats``), or None when the
+        device is not in this process."""
+        dev = self.ledger.device
+        return None if dev is None else dev.stats()
+
     def discard(self, offset: int, length: int) -> None:
         if self.ledger.driver.has(VIRTIO_BLK_F_DISCARD):
             self._blk.discard([(offset // SECTOR, length // SECTOR)])

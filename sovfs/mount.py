@@ -106,7 +106,8 @@ options:
   -o log=FILE           log to FILE (default: stderr with -f, else syslog)
   -o pidfile=FILE       write the daemon's pid to FILE once mounted
   -o max_tasks=N        concurrent FUSE requests (trio tasks, default 99)
-  (kill -USR1 PID logs every task of the daemon and where it waits: for a request that never returns)
+  (kill -USR1 PID logs every task of the daemon and where it waits - for a request that never
+  returns - and what each ledger queue served)
   defaults, auto, noauto, user, users, nouser, nofail, _netdev, async, comment=…, x-…  (fstab) ignored
 
 exit codes: 0 mounted (or, with -f, unmounted cleanly), 1 usage error, 32 mount failure
@@ -415,6 +416,7 @@ class _Daemon:
                 fs.close()
                 self.log.info("%s: closed (%s)", o.spec, "failsafe: NOT clean" if fs.failed else "clean")
         finally:
+            self.log.info("%s: the ledger served\n%s", o.spec, ledger_summary(dev))
             dev.close()
 
     def _serve(self, fs: Any) -> int:
@@ -464,6 +466,7 @@ class _Daemon:
                 async for s in sigs:
                     if s == signal.SIGUSR1:
                         self.log.warning("signal USR1: the daemon's tasks\n%s", task_dump())
+                        self.log.warning("signal USR1: the ledger\n%s", ledger_summary(ops.fs.dev))
                         continue
                     self.log.info("signal %d: unmounting", s)
                     pyfuse3.terminate()
@@ -530,6 +533,41 @@ class _Daemon:
                             background.cancel_scope.cancel()
             finally:
                 nursery.cancel_scope.cancel()
+
+
+def ledger_summary(dev: Any) -> str:
+    """What the ledger's device served, one line per queue (``kill -USR1``; at unmount with ``-v``).
+
+    For a look at a running mount's I/O path: how the requests divide between the trapped queue and
+    the worker's, how much moved around the host page cache (direct) or had its write-back started
+    early (write-behind), and how often the worker slept and the device interrupted.
+    """
+    get = getattr(dev, "stats", None)
+    stats = get() if get is not None else None
+    if stats is None:
+        return "  (no ledger device in this process)"
+
+    def size(n: int) -> str:
+        units = ("B", "KiB", "MiB", "GiB", "TiB")
+        x, i = float(n), 0
+        while x >= 1024 and i < len(units) - 1:
+            x /= 1024
+            i += 1
+        return f"{n} B" if i == 0 else f"{x:,.1f} {units[i]}"
+
+    lines = []
+    for q in stats["queues"]:
+        kind = "trapped" if q["trapped"] else "worker"
+        lines.append(
+            f"  queue {q['queue']} ({kind}): {q['requests']:,} requests, {q['errors']:,} errors; "
+            f"read {size(q['bytes_read'])} ({size(q['direct_read'])} direct), "
+            f"written {size(q['bytes_written'])} ({size(q['direct_written'])} direct, "
+            f"{size(q['write_behind'])} write-behind); {q['interrupts']:,} interrupts, {q['sleeps']:,} sleeps"
+            + ("; BROKEN (needs reset)" if q["broken"] else "")
+        )
+    if stats["diagnostics"]:
+        lines.append(f"  {stats['diagnostics']:,} device diagnostics (refused requests: see the log above)")
+    return "\n".join(lines)
 
 
 def task_dump() -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -160,3 +161,28 @@ def test_umount8_and_mount_helper(image: Path, mnt_factory: object) -> None:
     m.mounted = True
     assert (m.mnt / "x").read_bytes() == b"1"
     m.unmount()
+
+
+def test_ledger_summary_reports_each_queue(tmp_path: Path) -> None:
+    """The ledger lines of ``kill -USR1`` and of the unmount log: one per queue, with what it served."""
+    from sovfs.blockdev import open_block_device
+    from sovfs.mount import ledger_summary
+
+    img = tmp_path / "img"
+    img.write_bytes(bytes(1 << 20))
+    dev = open_block_device(str(img), num_queues=2, notify=("trap", "eventfd"))
+    try:
+        dev.pwrite(0, b"x" * 8192)
+        assert dev.pread(4096, 4096) == b"x" * 4096
+        text = ledger_summary(dev)
+    finally:
+        dev.close()
+    lines = text.splitlines()
+    assert len(lines) == 2
+    # the two requests above (and what opening the ledger itself asks), all lone: the trapped queue
+    m = re.match(r"  queue 0 \(trapped\): (\d+) requests, 0 errors; read [\d.]+ KiB \(0 B direct\), "
+                 r"written 8\.0 KiB \(0 B direct, 0 B write-behind\); \d+ interrupts, 0 sleeps$",
+                 lines[0])  # fmt: skip
+    assert m is not None and int(m.group(1)) >= 2, lines[0]
+    assert lines[1].startswith("  queue 1 (worker): 0 requests")
+    assert ledger_summary(object()) == "  (no ledger device in this process)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import re
 import shutil
 import signal
 import stat
@@ -346,6 +347,12 @@ def test_sigusr1_logs_the_daemons_tasks_and_keeps_serving(image: Path, mnt_facto
     text = mount.log_text()
     assert "the daemon's tasks" in text
     assert "task pyfuse-" in text and "writeback" in text and "_reaper" in text
+    # ... and what each ledger queue served (mounting read the superblock and more: requests > 0)
+    while "the ledger" not in mount.log_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    text = mount.log_text()
+    assert re.search(r"queue 0 \(trapped\): [1-9][\d,]* requests, 0 errors", text), text[-2000:]
+    assert "queue 1 (worker): " in text
     (mount.mnt / "after").write_bytes(b"still here")
     assert (mount.mnt / "after").read_bytes() == b"still here"
     mount.unmount()
