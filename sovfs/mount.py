@@ -416,7 +416,8 @@ class _Daemon:
                 fs.close()
                 self.log.info("%s: closed (%s)", o.spec, "failsafe: NOT clean" if fs.failed else "clean")
         finally:
-            self.log.info("%s: the ledger served\n%s", o.spec, ledger_summary(dev))
+            if self.log.isEnabledFor(logging.INFO):
+                self.log.info("%s: the ledger served\n%s", o.spec, ledger_summary(dev))
             dev.close()
 
     def _serve(self, fs: Any) -> int:
@@ -540,12 +541,9 @@ def ledger_summary(dev: Any) -> str:
 
     For a look at a running mount's I/O path: how the requests divide between the trapped queue and
     the worker's, how much moved around the host page cache (direct) or had its write-back started
-    early (write-behind), and how often the worker slept and the device interrupted.
+    early (write-behind), and how often the worker slept and the device interrupted.  Never raises:
+    a report must not take the daemon, or its unmount, down.
     """
-    get = getattr(dev, "stats", None)
-    stats = get() if get is not None else None
-    if stats is None:
-        return "  (no ledger device in this process)"
 
     def size(n: int) -> str:
         units = ("B", "KiB", "MiB", "GiB", "TiB")
@@ -555,19 +553,27 @@ def ledger_summary(dev: Any) -> str:
             i += 1
         return f"{n} B" if i == 0 else f"{x:,.1f} {units[i]}"
 
-    lines = []
-    for q in stats["queues"]:
-        kind = "trapped" if q["trapped"] else "worker"
-        lines.append(
-            f"  queue {q['queue']} ({kind}): {q['requests']:,} requests, {q['errors']:,} errors; "
-            f"read {size(q['bytes_read'])} ({size(q['direct_read'])} direct), "
-            f"written {size(q['bytes_written'])} ({size(q['direct_written'])} direct, "
-            f"{size(q['write_behind'])} write-behind); {q['interrupts']:,} interrupts, {q['sleeps']:,} sleeps"
-            + ("; BROKEN (needs reset)" if q["broken"] else "")
-        )
-    if stats["diagnostics"]:
-        lines.append(f"  {stats['diagnostics']:,} device diagnostics (refused requests: see the log above)")
-    return "\n".join(lines)
+    get = getattr(dev, "stats", None)
+    try:
+        stats = get() if get is not None else None
+        if stats is None:
+            return "  (no ledger device in this process)"
+        lines = []
+        for q in stats["queues"]:
+            kind = "trapped" if q["trapped"] else "worker"
+            lines.append(
+                f"  queue {q['queue']} ({kind}): {q['requests']:,} requests, {q['errors']:,} errors; "
+                f"read {size(q['bytes_read'])} ({size(q['direct_read'])} direct), "
+                f"written {size(q['bytes_written'])} ({size(q['direct_written'])} direct, "
+                f"{size(q['write_behind'])} write-behind); {q['interrupts']:,} interrupts, "
+                f"{q['sleeps']:,} sleeps" + ("; BROKEN (needs reset)" if q["broken"] else "")
+            )
+        if stats["diagnostics"]:
+            n = stats["diagnostics"]
+            lines.append(f"  {n:,} device diagnostics (refused requests: see the log above)")
+        return "\n".join(lines)
+    except Exception as e:
+        return f"  (no ledger statistics: {type(e).__name__}: {_first_line(e)})"
 
 
 def task_dump() -> str:

@@ -186,3 +186,9 @@ def test_ledger_summary_reports_each_queue(tmp_path: Path) -> None:
     assert m is not None and int(m.group(1)) >= 2, lines[0]
     assert lines[1].startswith("  queue 1 (worker): 0 requests")
     assert ledger_summary(object()) == "  (no ledger device in this process)"
+
+    class Broken:
+        def stats(self) -> dict[str, object]:
+            raise RuntimeError("device closed\nmore")
+
+    assert ledger_summary(Broken()) == "  (no ledger statistics: RuntimeError: device closed)"
