@@ -185,4 +185,3 @@ def bind(
     call = functools.partial(run_trapped_packed, tab, slot)
     call.arrays = arrays  # type: ignore[attr-defined]  # keeps the addresses in tab valid
     return call
-

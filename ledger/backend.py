@@ -312,7 +312,6 @@ class FileBackend(Backend):
                 except OSError:
                     self.direct_writes = False  # reads only, or (tmpfs, some FUSE filesystems) none
 
-
     def close(self) -> None:
         if self.direct_fd >= 0:
             os.close(self.direct_fd)

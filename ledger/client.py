@@ -412,10 +412,11 @@ class Engine:
         """The device's gate for ``q`` and run_trapped bound to its arguments around the request
         (built once per gate: every array in them lives as long as the engine and the device's
         queue)."""
+        binder = self._trap_binder
         get = getattr(self.driver.transport, "trap_target", None)
-        target = None if get is None or self._trap_binder is None else get(q.index)
+        target = None if get is None else get(q.index)
         call: _TrapCall | None = None
-        if target is not None and self._trap_binder is not None:
+        if target is not None and binder is not None:
             gate, dev_args = target
             qs = q.state
             head = (
@@ -427,7 +428,7 @@ class Engine:
                 self.grp_remaining, self.grp_err_status, self.grp_err_idx, self.grp_bytes, self.out_groups,
                 gate, *dev_args,
             )  # fmt: skip
-            call = (gate, self._trap_binder(head, tail))
+            call = (gate, binder(head, tail))
         self._trap_targets[q.index] = call
         return call
 
