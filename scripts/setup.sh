@@ -30,6 +30,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     touch "$stamp"
 fi
 
+# The filesystem's hot modules, compiled with mypyc into build/native (sovfs/_native.py); nothing to do
+# when that build matches the sources. Without it SovFS runs the same code as pure Python.
+.venv/bin/python scripts/build_native.py || echo "setup: no compiled core; SovFS runs as pure Python"
+
 for tool in ledger mkfs.sovfs fsck.sovfs mount.sovfs; do
     if [ -x ".venv/bin/$tool" ]; then
         ln -sf "$root/.venv/bin/$tool" "/usr/local/bin/$tool"

@@ -36,6 +36,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sovfs import _native
+
 __all__ = ["EXIT_FAIL", "EXIT_OK", "EXIT_USAGE", "MountOptions", "main", "parse_args"]
 
 EXIT_OK = 0
@@ -498,7 +500,7 @@ class _Daemon:
                     self.log.warning("read-ahead window left as it was: %s", err)
             if o.pidfile:
                 await trio.Path(o.pidfile).write_text(f"{os.getpid()}\n")
-            self.log.info("%s mounted on %s", o.spec, o.mountpoint)
+            self.log.info("%s mounted on %s (core: %s)", o.spec, o.mountpoint, _native.STATE)
             if not o.foreground:
                 null = os.open(os.devnull, os.O_RDWR)
                 for fd in (0, 1, 2):

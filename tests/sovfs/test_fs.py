@@ -399,6 +399,7 @@ def test_overwrites_of_written_blocks_match_a_model_and_allocate_nothing() -> No
     fs.close()
 
 
+@pytest.mark.pure_python  # patches what the compiled core calls directly (see tests/conftest.py)
 def test_overwrites_within_one_clock_tick_change_no_metadata(
     dev_fs: tuple[RamLedgerDevice, FileSystem], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -443,6 +444,7 @@ def test_overwrites_within_one_clock_tick_change_no_metadata(
     fs2.close()
 
 
+@pytest.mark.pure_python  # patches what the compiled core calls directly (see tests/conftest.py)
 def test_a_write_never_moves_ctime_backwards(fs: FileSystem, monkeypatch: pytest.MonkeyPatch) -> None:
     """The tick check looks at both stamps as stored: after a chmod (exact ctime), a write in the
     same tick leaves them; one whose mtime is older than the tick stamps the time now, never

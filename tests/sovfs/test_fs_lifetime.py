@@ -97,6 +97,7 @@ def test_orphans_leave_the_list_from_anywhere_without_walking_it(fs: FileSystem,
         assert 0 < fs.orphan_walks - walks0 < 200
 
 
+@pytest.mark.pure_python  # patches what the compiled core calls directly (see tests/conftest.py)
 def test_an_aborted_operation_leaves_the_orphan_list_as_it_was(
     dev_fs: tuple[RamLedgerDevice, FileSystem], monkeypatch: pytest.MonkeyPatch
 ) -> None:
