@@ -112,6 +112,9 @@ options:
   returns - and what each ledger queue served)
   defaults, auto, noauto, user, users, nouser, nofail, _netdev, async, comment=…, x-…  (fstab) ignored
 
+environment: SOVFS_PURE=1 runs the core as Python even where its compiled build is present and
+current (for py-spy, which sees no frames inside compiled code; -v logs which one runs)
+
 exit codes: 0 mounted (or, with -f, unmounted cleanly), 1 usage error, 32 mount failure
 """
 

@@ -77,9 +77,13 @@ class Mount:
         self.pidfile = work / "mount.pid"
         self.mounted = False
 
-    def mount(self, *opts: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    def mount(
+        self, *opts: str, expect_ok: bool = True, flags: tuple[str, ...] = ()
+    ) -> subprocess.CompletedProcess:
         o = ",".join([f"log={self.log}", f"pidfile={self.pidfile}", *opts])
-        r = run_tool(PY, "-m", "sovfs.mount", str(self.img), str(self.mnt), "-o", o, check=False, timeout=60)
+        r = run_tool(
+            PY, "-m", "sovfs.mount", str(self.img), str(self.mnt), *flags, "-o", o, check=False, timeout=60
+        )
         if expect_ok:
             assert r.returncode == 0, f"mount failed: {r.stderr}\n{self.log_text()}"
             assert os.path.ismount(self.mnt)

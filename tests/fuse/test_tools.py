@@ -334,6 +334,18 @@ def test_concurrent_requests_with_either_request_wait(image: Path, mnt_factory: 
     assert fsck(image, "-n", "-f").returncode == 0
 
 
+def test_a_verbose_mount_logs_which_core_it_runs(image: Path, mnt_factory: object) -> None:
+    """``-v`` logs whether the daemon runs the compiled core or the Python one, and why (the daemon
+    inherits this process's environment and build, so it must say what this process says)."""
+    from sovfs import _native
+
+    mount: Mount = mnt_factory(image)  # type: ignore[operator]
+    mount.mount(flags=("-v",))
+    text = mount.log_text()
+    assert f"mounted on {mount.mnt} (core: {_native.STATE})" in text, text[-2000:]
+    mount.unmount()
+
+
 def test_sigusr1_logs_the_daemons_tasks_and_keeps_serving(image: Path, mnt_factory: object) -> None:
     """``kill -USR1`` writes every trio task and where it waits to the log (to diagnose a request
     that never returns); the mount keeps working."""
