@@ -49,7 +49,7 @@ def build() -> str:
         if proc.returncode != 0:
             tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
             raise RuntimeError("mypyc failed:\n  " + "\n  ".join(tail))
-        shared_libs = [p for p in work.glob(f"*__mypyc{suffix}")]
+        shared_libs = list(work.glob(f"*__mypyc{suffix}"))
         if len(shared_libs) != 1:
             raise RuntimeError(f"mypyc left {len(shared_libs)} runtime modules, expected one")
         shared = shared_libs[0].name[: -len(suffix)]
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         [sys.executable, "-c", "import sovfs._native as n; print(n.STATE)"],
         cwd=ROOT, capture_output=True, text=True, check=False,
     )
-    state = check.stdout.strip() or check.stderr.strip().splitlines()[-1:]
+    state = check.stdout.strip() or (check.stderr.strip().splitlines() or ["no output"])[-1]
     if state != "compiled (mypyc)":
         print(f"build_native: the build does not load: {state}", file=sys.stderr)
         shutil.rmtree(_native.build_dir(), ignore_errors=True)

@@ -71,18 +71,26 @@ def activate(package_path: list[str], root: Path | None = None) -> str:
     return STATE
 
 
+def _fields(manifest: str) -> dict[str, str]:
+    return dict(line.split(" ", 1) for line in manifest.splitlines())
+
+
 def _activate(package_path: list[str], root: Path) -> str:
     if os.environ.get("SOVFS_PURE", "") not in ("", "0"):
         return "pure Python (SOVFS_PURE is set)"
     try:
         recorded = (root / "MANIFEST").read_text()
-        shared = dict(line.split(" ", 1) for line in recorded.splitlines())["shared"]
-        if recorded != manifest_text(shared):
-            return "pure Python (build/native is older than the sources: run scripts/setup.sh)"
+        shared = _fields(recorded)["shared"]
+        expected = manifest_text(shared)
     except FileNotFoundError:
         return "pure Python (no compiled build: run scripts/setup.sh)"
     except (OSError, ValueError, KeyError) as e:
         return f"pure Python (build/native/MANIFEST unreadable: {e})"
+    if recorded != expected:
+        built, ours = _fields(recorded), _fields(expected)
+        if (built.get("python"), built.get("suffix")) != (ours["python"], ours["suffix"]):
+            return f"pure Python (build/native is for Python {built.get('python')}: run scripts/setup.sh)"
+        return "pure Python (build/native is older than the sources: run scripts/setup.sh)"
     added = str(root) not in sys.path
     if added:
         sys.path.append(str(root))

@@ -74,3 +74,13 @@ def test_sovfs_pure_turns_it_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         capture_output=True, text=True, check=True,
     ).stdout.splitlines()
     assert out == ["pure Python (SOVFS_PURE is set)", str(Path(_native.__file__).with_name("fs.py"))]
+
+
+@pytest.mark.usefixtures("restore_state")
+def test_a_build_for_another_python_says_so(tmp_path: Path) -> None:
+    _fake_build(tmp_path)
+    text = (tmp_path / "MANIFEST").read_text().replace(f"python {sys.version.split()[0]}\n", "python 3.0.1\n")
+    (tmp_path / "MANIFEST").write_text(text)
+    path: list[str] = []
+    state = _native.activate(path, tmp_path)
+    assert state == "pure Python (build/native is for Python 3.0.1: run scripts/setup.sh)" and path == []
