@@ -26,12 +26,7 @@ from sovfs import _native  # noqa: E402  (the checkout's package, not an install
 
 
 def up_to_date() -> bool:
-    try:
-        recorded = (_native.build_dir() / "MANIFEST").read_text()
-        shared = dict(line.split(" ", 1) for line in recorded.splitlines())["shared"]
-    except (OSError, ValueError, KeyError):
-        return False
-    return recorded == _native.manifest_text(shared)
+    return _native.mismatch(_native.build_dir())[0] is None
 
 
 def build() -> str:

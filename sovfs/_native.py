@@ -30,7 +30,7 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["NATIVE_MODULES", "STATE", "activate", "build_dir", "manifest_text", "source_paths"]
+__all__ = ["NATIVE_MODULES", "STATE", "activate", "build_dir", "manifest_text", "mismatch", "source_paths"]
 
 #: compiled together, in this order; each name is a module of the ``sovfs`` package
 NATIVE_MODULES = ("cache", "journal", "alloc", "dir", "inode", "format", "fs")
@@ -75,22 +75,32 @@ def _fields(manifest: str) -> dict[str, str]:
     return dict(line.split(" ", 1) for line in manifest.splitlines())
 
 
-def _activate(package_path: list[str], root: Path) -> str:
-    if os.environ.get("SOVFS_PURE", "") not in ("", "0"):
-        return "pure Python (SOVFS_PURE is set)"
+def mismatch(root: Path) -> tuple[str | None, str]:
+    """Check the build in ``root`` against this interpreter and the sources now.
+
+    Returns ``(None, runtime module)`` if it matches, else ``(why not, "")``."""
     try:
         recorded = (root / "MANIFEST").read_text()
         shared = _fields(recorded)["shared"]
         expected = manifest_text(shared)
     except FileNotFoundError:
-        return "pure Python (no compiled build: run scripts/setup.sh)"
+        return "no compiled build: run scripts/setup.sh", ""
     except (OSError, ValueError, KeyError) as e:
-        return f"pure Python (build/native/MANIFEST unreadable: {e})"
+        return f"build/native/MANIFEST unreadable: {e}", ""
     if recorded != expected:
         built, ours = _fields(recorded), _fields(expected)
         if (built.get("python"), built.get("suffix")) != (ours["python"], ours["suffix"]):
-            return f"pure Python (build/native is for Python {built.get('python')}: run scripts/setup.sh)"
-        return "pure Python (build/native is older than the sources: run scripts/setup.sh)"
+            return f"build/native is for Python {built.get('python')}: run scripts/setup.sh", ""
+        return "build/native is older than the sources: run scripts/setup.sh", ""
+    return None, shared
+
+
+def _activate(package_path: list[str], root: Path) -> str:
+    if os.environ.get("SOVFS_PURE", "") not in ("", "0"):
+        return "pure Python (SOVFS_PURE is set)"
+    why, shared = mismatch(root)
+    if why is not None:
+        return f"pure Python ({why})"
     added = str(root) not in sys.path
     if added:
         sys.path.append(str(root))
