@@ -3,30 +3,49 @@
 A trivial filesystem (one 256 MiB file whose reads return zeros and whose writes are dropped, and an
 in-memory namespace that keeps names and modes only) is mounted and measured with the same fio options
 as ``bench/fio_bench.py``'s random 4 KiB jobs and with that script's own metadata harness (create, then
-unlink, of 5,000 files of 4 KiB in one directory), alongside a SovFS mount.  The trivial filesystem's
-figures are the ceiling any pyfuse3 filesystem reaches on this machine; its daemon CPU per request is
-the floor of the per-request cost.  A create is six FUSE requests on any filesystem mounted with
+unlink, of 5,000 files of 4 KiB, in one directory and in that script's tree of 100 leaf directories),
+alongside a SovFS mount.  The trivial filesystem's daemon CPU per request is the floor of the
+per-request cost.  A create is six FUSE requests on any filesystem mounted with
 ``default_permissions`` (LOOKUP, CREATE, GETXATTR, WRITE, RELEASE, and a GETATTR of the parent
 directory, whose attributes the kernel invalidates after each create): the summary's
 ``sovfs_vs_floor_create`` is SovFS's create rate against the trivial filesystem's with fastwait (the
-way ``mount.sovfs`` waits).  A last job, ``getxattr``, reads an absent attribute of the file in a
-loop: one request whose handler does next to nothing, so ``sovfs_vs_floor_getxattr`` is what SovFS's
-own request path (its adapter, error wrapper and wait) costs over pyfuse3's.
+way ``mount.sovfs`` waits).  A job ``getxattr`` reads an absent attribute of the file in a loop: one
+request whose handler does next to nothing, so ``sovfs_vs_floor_getxattr`` is what SovFS's own request
+path (its adapter, error wrapper and wait) costs over pyfuse3's.
 
-Two variants of the trivial filesystem, because the kernel asks a FUSE filesystem for the file's
-``security.capability`` xattr before every write (to strip it) unless the filesystem answers ENOSYS to
-``getxattr`` — which switches xattrs off altogether — or the connection negotiated
-``FUSE_HANDLE_KILLPRIV_V2``, which pyfuse3 cannot request.  SovFS supports xattrs, so every write it
-serves costs two FUSE requests (GETXATTR, then WRITE), exactly like the ``xattrs`` variant.  A third
-variant waits for requests the way ``mount.sovfs`` does by default (``-o fastwait``,
-``sovfs/_fastloop.py``): the summary's ``fastwait_gain_randread_nj4`` is what that wait alone is worth.
+The variants of the trivial filesystem:
 
-Usage (root, FUSE)::
+* ``xattrs``: pyfuse3's own wait for requests, ``default_permissions``.  The kernel asks a FUSE
+  filesystem for the file's ``security.capability`` xattr before every write (to strip it) unless the
+  filesystem answers ENOSYS to ``getxattr`` - which switches xattrs off altogether - or the connection
+  negotiated ``FUSE_HANDLE_KILLPRIV_V2``, which pyfuse3 cannot request.  SovFS supports xattrs, so
+  every write it serves costs two FUSE requests (GETXATTR, then WRITE), as this variant's do.
+* ``xattrs, fastwait``: waits the way ``mount.sovfs`` does by default (``-o fastwait``,
+  ``sovfs/_fastloop.py``); the summary's ``fastwait_gain_randread_nj4`` is what that wait alone is
+  worth.
+* ``xattrs, fastwait, nodefault_permissions`` - **the ceiling**: mounted the way ``fio_bench.py``
+  mounts SovFS (fastwait, without ``default_permissions``, as fuse2fs mounts), and reading real bytes:
+  one ``pread`` of a data file on the host disk per read.  It is the best a pyfuse3 filesystem that
+  keeps xattrs and reads its data from a disk does here.
+* ``no xattrs, fastwait, nodefault_permissions``: the same, answering ENOSYS to ``getxattr``: the
+  best a pyfuse3 filesystem does that gives xattrs up (one request fewer per write).
+
+**The ceiling against fuse2fs.**  Last, fuse2fs (an ext4 image of the same size, mounted the way
+``fio_bench.py`` mounts it) runs the same jobs.  The line ``fuse-floor-ceiling`` divides the ceiling
+variant's rate by fuse2fs's, job by job, from the same run, next to the issue's target for that job
+(``fio_bench.py``'s ratios; ``!`` marks a ceiling under its target): where it is under, no pyfuse3
+filesystem that keeps xattrs and does real work reaches the target on this machine.
+``fuse-floor-ceiling-noxattrs`` is the same for the variant without xattrs.  The warm random reads
+(``-warm``) find every byte in the host's page cache; ``randread-nj1`` runs, as ``fio_bench.py``'s
+does, after ``drop_caches`` and in that script's proportions, so the ceiling variants' ``pread`` and
+fuse2fs's wait for the disk alike.
+
+Usage (root, FUSE; fuse2fs and mkfs.ext4 for the ceiling lines, skipped with a note without them)::
 
     python bench/fuse_floor.py [--seconds 5] [--dir /var/tmp]
 
 Prints one line per (filesystem, job): IOPS (operations per second for the metadata jobs) and daemon
-CPU µs per operation, and a final summary line.
+CPU µs per operation, then the two ceiling lines (when fuse2fs ran) and the summary line.
 """
 
 from __future__ import annotations
@@ -35,11 +54,12 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 FILE_BYTES = 256 << 20
@@ -52,11 +72,13 @@ import pyfuse3, trio
 SIZE = int(sys.argv[2])
 XATTRS = sys.argv[3] == "xattrs"
 ZEROS = bytes(1 << 20)
+DATA_FD = os.open(sys.argv[7], os.O_RDONLY) if sys.argv[7] != "-" else -1  # reads come from this file
 
 
 class Trivial(pyfuse3.Operations):
-    """One file (bench.dat, inode 2) whose reads are zeros and whose writes are dropped, plus an
-    in-memory namespace for the metadata jobs: names and modes only, no data kept."""
+    """One file (bench.dat, inode 2) whose reads are zeros (or, given a data file, that file's bytes,
+    read with one ``pread``) and whose writes are dropped, plus an in-memory namespace for the
+    metadata jobs: names and modes only, no data kept."""
 
     def __init__(self):
         super().__init__()
@@ -113,7 +135,7 @@ class Trivial(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=ino)
 
     async def read(self, fh, off, size):
-        return ZEROS[:size]
+        return ZEROS[:size] if DATA_FD < 0 else os.pread(DATA_FD, size, off)
 
     async def write(self, fh, off, buf):
         return len(buf)
@@ -138,7 +160,8 @@ async def serve():
 
 opts = set(pyfuse3.default_options)
 opts.add("fsname=fuse-floor")
-opts.add("default_permissions")  # as mount.sovfs: the kernel checks permissions from attributes
+if sys.argv[6] == "perms":
+    opts.add("default_permissions")  # as mount.sovfs: the kernel checks permissions from attributes
 pyfuse3.init(Trivial(), sys.argv[1], opts)
 try:
     trio.run(serve)
@@ -151,12 +174,41 @@ JOBS = {
     "randread-4k-direct-nj4": ["--rw=randread", "--bs=4k", "--direct=1", "--numjobs=4",
                                "--group_reporting=1"],
     "randwrite-4k-direct": ["--rw=randwrite", "--bs=4k", "--direct=1"],
+    "randwrite-4k": ["--rw=randwrite", "--bs=4k"],
 }
+#: fio jobs run after ``echo 3 > /proc/sys/vm/drop_caches``, as bench/fio_bench.py's read jobs, and in
+#: that script's proportions: 4 KiB reads of a quarter of the region that is a quarter of the file
+#: (so that host read-ahead cannot load the file), a fixed number of them rather than for a time
+COLD_JOBS = {
+    "randread-4k-direct-cold": [*JOBS["randread-4k-direct"], f"--offset={FILE_BYTES // 4}",
+                                f"--size={FILE_BYTES // 4}", f"--io_size={FILE_BYTES // 16}"],
+}  # fmt: skip
+ALL_FIO = {**JOBS, **COLD_JOBS}
 
 
-#: metadata jobs: bench/fio_bench.py's own harness (``--meta-worker``), one flat directory
-META_JOBS = {"create-flat": "create", "unlink-flat": "unlink"}
+#: metadata jobs: bench/fio_bench.py's own harness (``--meta-worker``): (phase, layout)
+META_JOBS = {
+    "create-flat": ("create", "flat"),
+    "unlink-flat": ("unlink", "flat"),
+    "create-tree": ("create", "tree"),
+    "unlink-tree": ("unlink", "tree"),
+}
 META_FILES = 5000
+
+#: the ceiling line: job here -> (its name in fio_bench.py's table, the issue's SovFS/fuse2fs target)
+CEILING_JOBS = {
+    "randread-4k-direct": ("randread-nj1-warm", 1.0),
+    "randread-4k-direct-cold": ("randread-nj1", 1.0),
+    "randread-4k-direct-nj4": ("randread-nj4-warm", 2.0),
+    "randwrite-4k-direct": ("randwrite-direct", 1.0),
+    "randwrite-4k": ("randwrite-buf", 1.0),
+    "create-flat": ("create-flat", 2.0),
+    "create-tree": ("create-tree", 2.0),
+    "unlink-flat": ("unlink-flat", 1.0),
+    "unlink-tree": ("unlink-tree", 1.0),
+}
+BEST = "pyfuse3 trivial (xattrs, fastwait, nodefault_permissions)"
+BEST_NOXATTRS = "pyfuse3 trivial (no xattrs, fastwait, nodefault_permissions)"
 
 
 def _cpu(pid: int) -> float:
@@ -180,8 +232,11 @@ def _unmount(mnt: Path) -> None:
 
 
 @contextlib.contextmanager
-def trivial_mount(mnt: Path, variant: str, wait: str = "pyfuse3") -> Iterator[int]:
-    argv = [sys.executable, "-c", _TRIVIAL_FS, str(mnt), str(FILE_BYTES), variant, wait, str(ROOT)]
+def trivial_mount(
+    mnt: Path, variant: str, wait: str = "pyfuse3", perms: bool = True, data: Path | None = None
+) -> Iterator[int]:
+    argv = [sys.executable, "-c", _TRIVIAL_FS, str(mnt), str(FILE_BYTES), variant, wait, str(ROOT),
+            "perms" if perms else "noperms", str(data) if data else "-"]  # fmt: skip
     proc = subprocess.Popen(argv, cwd="/")
     try:
         _wait_mounted(mnt, proc)
@@ -205,25 +260,82 @@ def sovfs_mount(work: Path, mnt: Path) -> Iterator[int]:
     subprocess.run(mount, check=True)
     try:
         pid = int(pidfile.read_text())
-        fill = ["fio", "--name=fill", f"--directory={mnt}", "--filename=bench.dat", f"--size={FILE_BYTES}",
-                "--rw=write", "--bs=1M", "--ioengine=psync", "--fallocate=none", "--end_fsync=1",
-                "--output-format=terse"]  # fmt: skip
-        subprocess.run(fill, check=True, capture_output=True)
+        _fill(mnt)
         # mount.sovfs writes large extents around the host page cache (-o directwrite): read the
         # image once so that SovFS's random reads, like the trivial filesystem's, wait for no disk.
-        with open(img, "rb", buffering=0) as f:
-            while f.read(8 << 20):
-                pass
+        _read_through(img)
         yield pid
     finally:
         _unmount(mnt)
 
 
+def _fill(mnt: Path) -> None:
+    fill = ["fio", "--name=fill", f"--directory={mnt}", "--filename=bench.dat", f"--size={FILE_BYTES}",
+            "--rw=write", "--bs=1M", "--ioengine=psync", "--fallocate=none", "--end_fsync=1",
+            "--output-format=terse"]  # fmt: skip
+    subprocess.run(fill, check=True, capture_output=True)
+
+
+def _read_through(path: Path) -> None:
+    with open(path, "rb", buffering=0) as f:
+        while f.read(8 << 20):
+            pass
+
+
+def _data_file(work: Path) -> Path:
+    """The ceiling variant's data: FILE_BYTES of nonzero bytes written to the host disk (no holes, so
+    that a cold read waits for the disk as SovFS's and fuse2fs's do), synced, then read once (warm)."""
+    path = work / "floor.dat"
+    if not path.exists():
+        chunk = bytes(range(256)) * 4096
+        with open(path, "wb") as f:
+            for _ in range(FILE_BYTES // len(chunk)):
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+    _read_through(path)  # again for the second variant: the cold job before it dropped it
+    return path
+
+
+def drop_caches() -> None:
+    """Write back, then drop the page cache, dentries and inodes (root only)."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def have_fuse2fs() -> bool:
+    return shutil.which("fuse2fs") is not None and shutil.which("mkfs.ext4") is not None
+
+
+@contextlib.contextmanager
+def fuse2fs_mount(work: Path, mnt: Path) -> Iterator[int]:
+    """fuse2fs as ``bench/fio_bench.py`` mounts it (``-o fakeroot``, foreground for its pid)."""
+    img = work / "ext4.img"
+    with open(img, "wb") as f:
+        f.truncate(1 << 30)
+    subprocess.run(["mkfs.ext4", "-F", "-q", str(img)], check=True, capture_output=True)
+    proc = subprocess.Popen(["fuse2fs", str(img), str(mnt), "-o", "fakeroot", "-f"], cwd="/",
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        _wait_mounted(mnt, proc)
+        _fill(mnt)
+        _read_through(img)  # its random reads, like the trivial filesystem's, wait for no disk
+        yield proc.pid
+    finally:
+        _unmount(mnt)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def run_fio(mnt: Path, job: str, seconds: float) -> tuple[float, int]:
-    """(IOPS, operations) of one time-based fio job on ``mnt``."""
+    """(IOPS, operations) of one fio job on ``mnt``: time-based, but for the cold ones (a fixed size)."""
+    timed = [] if job in COLD_JOBS else ["--time_based=1", f"--runtime={seconds}"]
     argv = ["fio", f"--name={job}", f"--directory={mnt}", "--filename=bench.dat", f"--size={FILE_BYTES}",
-            "--ioengine=psync", "--fallocate=none", "--time_based=1", f"--runtime={seconds}",
-            "--randrepeat=1", "--output-format=json", *JOBS[job]]  # fmt: skip
+            "--ioengine=psync", "--fallocate=none", *timed, "--randrepeat=1", "--output-format=json",
+            *ALL_FIO[job]]  # fmt: skip
     out = subprocess.run(argv, check=True, capture_output=True, text=True, cwd="/").stdout
     side = json.loads(out)["jobs"][0]["write" if "write" in job else "read"]
     return float(side["iops"]), int(side["total_ios"])
@@ -231,8 +343,9 @@ def run_fio(mnt: Path, job: str, seconds: float) -> tuple[float, int]:
 
 def run_meta(mnt: Path, job: str) -> tuple[float, int]:
     """(operations per second, operations) of one metadata phase, by fio_bench.py's harness."""
-    argv = [sys.executable, str(ROOT / "bench" / "fio_bench.py"), "--meta-worker", META_JOBS[job], str(mnt),
-            str(META_FILES), "flat"]  # fmt: skip
+    phase, layout = META_JOBS[job]
+    argv = [sys.executable, str(ROOT / "bench" / "fio_bench.py"), "--meta-worker", phase, str(mnt),
+            str(META_FILES), layout]  # fmt: skip
     out = subprocess.run(argv, check=True, capture_output=True, text=True, cwd="/").stdout
     secs, ops = json.loads(out.strip().splitlines()[-1])
     return ops / secs, int(ops)
@@ -264,17 +377,26 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         mnt = work / "mnt"
         mnt.mkdir()
-        targets = {
-            "pyfuse3 trivial (no xattrs)": lambda: trivial_mount(mnt, "noxattrs"),
+        targets: dict[str, Callable[[], contextlib.AbstractContextManager[int]]] = {
             "pyfuse3 trivial (xattrs)": lambda: trivial_mount(mnt, "xattrs"),
             "pyfuse3 trivial (xattrs, fastwait)": lambda: trivial_mount(mnt, "xattrs", "fastwait"),
             "sovfs": lambda: sovfs_mount(work, mnt),
+            BEST: lambda: trivial_mount(mnt, "xattrs", "fastwait", perms=False, data=_data_file(work)),
+            BEST_NOXATTRS: lambda: trivial_mount(
+                mnt, "noxattrs", "fastwait", perms=False, data=_data_file(work)
+            ),
         }
+        if have_fuse2fs():
+            targets["fuse2fs"] = lambda: fuse2fs_mount(work, mnt)
+        else:
+            print("fuse2fs or mkfs.ext4 not found: no fuse-floor-ceiling lines", flush=True)
         for name, mount in targets.items():
             with mount() as pid:
-                for job in [*JOBS, *META_JOBS, "getxattr"]:
+                for job in [*ALL_FIO, *META_JOBS, "getxattr"]:
+                    if job in COLD_JOBS:
+                        drop_caches()
                     c0 = _cpu(pid)
-                    if job in JOBS:
+                    if job in ALL_FIO:
                         iops, ops = run_fio(mnt, job, args.seconds)
                     elif job in META_JOBS:
                         iops, ops = run_meta(mnt, job)
@@ -282,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
                         iops, ops = run_getxattr(mnt, args.seconds)
                     us = (_cpu(pid) - c0) / max(ops, 1) * 1e6
                     results[(name, job)] = (iops, us)
-                    unit = "IOPS " if job in JOBS else "ops/s"
+                    unit = "IOPS " if job in ALL_FIO else "ops/s"
                     print(f"{name:36} {job:24} {iops:10,.0f} {unit}  daemon {us:6.0f} µs/op", flush=True)
     floor_r = results[("pyfuse3 trivial (xattrs)", "randread-4k-direct")][0]
     floor_w = results[("pyfuse3 trivial (xattrs)", "randwrite-4k-direct")][0]
@@ -294,12 +416,26 @@ def main(argv: list[str] | None = None) -> int:
     sov_c = results[("sovfs", "create-flat")][0]
     floor_x = results[("pyfuse3 trivial (xattrs, fastwait)", "getxattr")][0]
     sov_x = results[("sovfs", "getxattr")][0]
+    if ("fuse2fs", "create-flat") in results:
+        print(ceiling_line(results))
+        print(ceiling_line(results, BEST_NOXATTRS))
     print(f"fuse-floor sovfs_vs_floor_randread={sov_r / floor_r:.2f} "
           f"sovfs_vs_floor_randwrite={sov_w / floor_w:.2f} "
           f"sovfs_vs_floor_create={sov_c / floor_c:.2f} "
           f"sovfs_vs_floor_getxattr={sov_x / floor_x:.2f} "
           f"fastwait_gain_randread_nj4={fast_r4 / slow_r4:.2f}")
     return 0
+
+
+def ceiling_line(results: dict[tuple[str, str], tuple[float, float]], variant: str = BEST) -> str:
+    """``fuse-floor-ceiling[-noxattrs] JOB=RATIO/TARGET ...``: a ceiling variant's rate over fuse2fs's,
+    job by job, with the issue's target for that job (``!`` marks a ceiling under its target)."""
+    parts = []
+    for job, (name, target) in CEILING_JOBS.items():
+        r = round(results[(variant, job)][0] / results[("fuse2fs", job)][0], 2)
+        parts.append(f"{name}={r:.2f}/{target:g}{'!' if r < target else ''}")
+    label = "fuse-floor-ceiling" + ("-noxattrs" if variant == BEST_NOXATTRS else "")
+    return label + " " + " ".join(parts)
 
 
 if __name__ == "__main__":
