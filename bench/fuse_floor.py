@@ -2,8 +2,9 @@
 
 A trivial filesystem (one 256 MiB file whose reads return zeros and whose writes are dropped, and an
 in-memory namespace that keeps names and modes only) is mounted and measured with the same fio options
-as ``bench/fio_bench.py``'s random 4 KiB jobs and with that script's own metadata harness (create, then
-unlink, of 5,000 files of 4 KiB, in one directory and in that script's tree of 100 leaf directories),
+as ``bench/fio_bench.py``'s random 4 KiB jobs and with that script's own metadata harness (create,
+listing after ``drop_caches`` and unlink of 5,000 files of 4 KiB, in one directory and in that
+script's tree of 100 leaf directories),
 alongside a SovFS mount.  The trivial filesystem's daemon CPU per request is the floor of the
 per-request cost.  A create is six FUSE requests on any filesystem mounted with
 ``default_permissions`` (LOOKUP, CREATE, GETXATTR, WRITE, RELEASE, and a GETATTR of the parent
@@ -25,8 +26,9 @@ The variants of the trivial filesystem:
   worth.
 * ``xattrs, fastwait, nodefault_permissions`` - **the ceiling**: mounted the way ``fio_bench.py``
   mounts SovFS (fastwait, without ``default_permissions``, as fuse2fs mounts), and reading real bytes:
-  one ``pread`` of a data file on the host disk per read.  It is the best a pyfuse3 filesystem that
-  keeps xattrs and reads its data from a disk does here.
+  one ``pread`` of a data file on the host disk per read.  Its listings carry names only, the
+  cheapest READDIRPLUS reply (the one pyfuse3 sends; ``sovfs/_dirent_reply.py``).  It is the best a
+  pyfuse3 filesystem that keeps xattrs and reads its data from a disk does here.
 * ``no xattrs, fastwait, nodefault_permissions``: the same, answering ENOSYS to ``getxattr``: the
   best a pyfuse3 filesystem does that gives xattrs up (one request fewer per write).
 
@@ -69,6 +71,11 @@ _TRIVIAL_FS = r'''
 import errno, os, stat, sys
 import pyfuse3, trio
 
+sys.path.insert(0, sys.argv[5])
+from sovfs._dirent_reply import NameOnlyEntry
+
+NAME_ONLY = NameOnlyEntry()  # listings name entries without handing the kernel their inodes
+
 SIZE = int(sys.argv[2])
 XATTRS = sys.argv[3] == "xattrs"
 ZEROS = bytes(1 << 20)
@@ -78,13 +85,17 @@ DATA_FD = os.open(sys.argv[7], os.O_RDONLY) if sys.argv[7] != "-" else -1  # rea
 class Trivial(pyfuse3.Operations):
     """One file (bench.dat, inode 2) whose reads are zeros (or, given a data file, that file's bytes,
     read with one ``pread``) and whose writes are dropped, plus an in-memory namespace for the
-    metadata jobs: names and modes only, no data kept."""
+    metadata jobs: names and modes only, no data kept.  Listings carry names only (no attributes,
+    so the kernel instantiates no inode for them): the cheapest READDIRPLUS reply there is."""
 
     def __init__(self):
         super().__init__()
         self.names = {(1, b"bench.dat"): 2}
+        self.children = {1: {b"bench.dat": 2}}
         self.modes = {1: stat.S_IFDIR | 0o755, 2: stat.S_IFREG | 0o644}
         self.next_ino = 3
+        self.listings = {}
+        self.next_fh = 1
 
     def _attr(self, ino):
         a = pyfuse3.EntryAttributes()
@@ -100,6 +111,9 @@ class Trivial(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EEXIST)
         ino, self.next_ino = self.next_ino, self.next_ino + 1
         self.names[(parent, name)] = ino
+        self.children[parent][name] = ino
+        if stat.S_ISDIR(mode):
+            self.children[ino] = {}
         self.modes[ino] = mode
         return self._attr(ino)
 
@@ -122,8 +136,22 @@ class Trivial(pyfuse3.Operations):
     async def unlink(self, parent, name, ctx):
         if self.names.pop((parent, name), None) is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
+        del self.children[parent][name]
 
     rmdir = unlink
+
+    async def opendir(self, ino, ctx):
+        fh, self.next_fh = self.next_fh, self.next_fh + 1
+        self.listings[fh] = [(name, child, self.modes[child] >> 12, i + 1)
+                             for i, (name, child) in enumerate(self.children[ino].items())]
+        return fh
+
+    async def readdir(self, fh, start, token):
+        listing = self.listings[fh]
+        NAME_ONLY.reply(token, (listing[i] for i in range(start, len(listing))))
+
+    async def releasedir(self, fh):
+        del self.listings[fh]
 
     async def forget(self, inode_list):
         pass
@@ -149,7 +177,6 @@ class Trivial(pyfuse3.Operations):
 
 async def serve():
     if sys.argv[4] == "fastwait":
-        sys.path.insert(0, sys.argv[5])
         from sovfs._fastloop import fast_session_loop
 
         with fast_session_loop():
@@ -189,10 +216,14 @@ ALL_FIO = {**JOBS, **COLD_JOBS}
 #: metadata jobs: bench/fio_bench.py's own harness (``--meta-worker``): (phase, layout)
 META_JOBS = {
     "create-flat": ("create", "flat"),
+    "readdir-flat": ("readdir", "flat"),
     "unlink-flat": ("unlink", "flat"),
     "create-tree": ("create", "tree"),
+    "readdir-tree": ("readdir", "tree"),
     "unlink-tree": ("unlink", "tree"),
 }
+#: metadata jobs run after drop_caches, as fio_bench.py's listings
+COLD_META = {"readdir-flat", "readdir-tree"}
 META_FILES = 5000
 
 #: the ceiling line: job here -> (its name in fio_bench.py's table, the issue's SovFS/fuse2fs target)
@@ -204,6 +235,8 @@ CEILING_JOBS = {
     "randwrite-4k": ("randwrite-buf", 1.0),
     "create-flat": ("create-flat", 2.0),
     "create-tree": ("create-tree", 2.0),
+    "readdir-flat": ("readdir-flat", 1.0),
+    "readdir-tree": ("readdir-tree", 1.0),
     "unlink-flat": ("unlink-flat", 1.0),
     "unlink-tree": ("unlink-tree", 1.0),
 }
@@ -393,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, mount in targets.items():
             with mount() as pid:
                 for job in [*ALL_FIO, *META_JOBS, "getxattr"]:
-                    if job in COLD_JOBS:
+                    if job in COLD_JOBS or job in COLD_META:
                         drop_caches()
                     c0 = _cpu(pid)
                     if job in ALL_FIO:

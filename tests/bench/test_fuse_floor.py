@@ -32,15 +32,16 @@ def test_floor_run(tmp_path: Path) -> None:
     lines = p.stdout.strip().splitlines()
     rows = [line for line in lines if " IOPS " in line or " ops/s " in line]
     with_fuse2fs = shutil.which("fuse2fs") is not None and shutil.which("mkfs.ext4") is not None
-    # 5 pyfuse3 filesystems (4 trivial variants, SovFS) and fuse2fs, each x (5 fio jobs + create and
-    # unlink, flat and tree + getxattr)
-    assert len(rows) == (6 if with_fuse2fs else 5) * 10
+    # 5 pyfuse3 filesystems (4 trivial variants, SovFS) and fuse2fs, each x (5 fio jobs + create,
+    # readdir and unlink, flat and tree + getxattr)
+    assert len(rows) == (6 if with_fuse2fs else 5) * 12
     for row in rows:
         rate = float(re.search(r"([\d,]+) (IOPS|ops/s)", row).group(1).replace(",", ""))  # type: ignore[union-attr]
         assert rate > 0
     if with_fuse2fs:
         jobs = ["randread-nj1-warm", "randread-nj1", "randread-nj4-warm", "randwrite-direct",
-                "randwrite-buf", "create-flat", "create-tree", "unlink-flat", "unlink-tree"]  # fmt: skip
+                "randwrite-buf", "create-flat", "create-tree", "readdir-flat", "readdir-tree", "unlink-flat",
+                "unlink-tree"]  # fmt: skip
         for line, label in ((lines[-3], "fuse-floor-ceiling"), (lines[-2], "fuse-floor-ceiling-noxattrs")):
             ceiling = line.split()
             assert ceiling[0] == label
