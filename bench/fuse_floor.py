@@ -3,7 +3,7 @@
 A trivial filesystem (one 256 MiB file whose reads return zeros and whose writes are dropped, and an
 in-memory namespace that keeps names and modes only) is mounted and measured with the same fio options
 as ``bench/fio_bench.py``'s random 4 KiB jobs and with that script's own metadata harness (create,
-listing after ``drop_caches`` and unlink of 5,000 files of 4 KiB, in one directory and in that
+listing after ``drop_caches`` and unlink of 10,000 files of 4 KiB, in one directory and in that
 script's tree of 100 leaf directories),
 alongside a SovFS mount.  The trivial filesystem's daemon CPU per request is the floor of the
 per-request cost.  A create is six FUSE requests on any filesystem mounted with
@@ -44,7 +44,7 @@ fuse2fs's wait for the disk alike.
 
 Usage (root, FUSE; fuse2fs and mkfs.ext4 for the ceiling lines, skipped with a note without them)::
 
-    python bench/fuse_floor.py [--seconds 5] [--dir /var/tmp]
+    python bench/fuse_floor.py [--seconds 5] [--dir /var/tmp] [--files 10000]
 
 Prints one line per (filesystem, job): IOPS (operations per second for the metadata jobs) and daemon
 CPU µs per operation, then the two ceiling lines (when fuse2fs ran) and the summary line.
@@ -224,7 +224,7 @@ META_JOBS = {
 }
 #: metadata jobs run after drop_caches, as fio_bench.py's listings
 COLD_META = {"readdir-flat", "readdir-tree"}
-META_FILES = 5000
+META_FILES = 10_000  # as bench/fio_bench.py (--files)
 
 #: the ceiling line: job here -> (its name in fio_bench.py's table, the issue's SovFS/fuse2fs target)
 CEILING_JOBS = {
@@ -374,11 +374,11 @@ def run_fio(mnt: Path, job: str, seconds: float) -> tuple[float, int]:
     return float(side["iops"]), int(side["total_ios"])
 
 
-def run_meta(mnt: Path, job: str) -> tuple[float, int]:
+def run_meta(mnt: Path, job: str, files: int = META_FILES) -> tuple[float, int]:
     """(operations per second, operations) of one metadata phase, by fio_bench.py's harness."""
     phase, layout = META_JOBS[job]
     argv = [sys.executable, str(ROOT / "bench" / "fio_bench.py"), "--meta-worker", phase, str(mnt),
-            str(META_FILES), layout]  # fmt: skip
+            str(files), layout]  # fmt: skip
     out = subprocess.run(argv, check=True, capture_output=True, text=True, cwd="/").stdout
     secs, ops = json.loads(out.strip().splitlines()[-1])
     return ops / secs, int(ops)
@@ -404,6 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=5.0, help="per job (default 5)")
     ap.add_argument("--dir", default="/var/tmp", help="where the SovFS image lives (default /var/tmp)")
+    ap.add_argument(
+        "--files", type=int, default=META_FILES, help=f"files per metadata job (default {META_FILES:,})"
+    )
     args = ap.parse_args(argv)
     results: dict[tuple[str, str], tuple[float, float]] = {}
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="fuse_floor-") as tmp:
@@ -432,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
                     if job in ALL_FIO:
                         iops, ops = run_fio(mnt, job, args.seconds)
                     elif job in META_JOBS:
-                        iops, ops = run_meta(mnt, job)
+                        iops, ops = run_meta(mnt, job, args.files)
                     else:
                         iops, ops = run_getxattr(mnt, args.seconds)
                     us = (_cpu(pid) - c0) / max(ops, 1) * 1e6

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.bench
 def test_floor_run(tmp_path: Path) -> None:
     before = fuse_mounts()
     p = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "fuse_floor.py"), "--seconds", "1", "--dir", str(tmp_path)],
+        [sys.executable, str(ROOT / "bench" / "fuse_floor.py"), "--seconds", "1", "--dir", str(tmp_path),
+         "--files", "1000"],
         capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
