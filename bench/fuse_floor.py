@@ -32,11 +32,14 @@ The variants of the trivial filesystem:
 * ``no xattrs, fastwait, nodefault_permissions``: the same, answering ENOSYS to ``getxattr``: the
   best a pyfuse3 filesystem does that gives xattrs up (one request fewer per write).
 
-**The ceiling against fuse2fs.**  Last, fuse2fs (an ext4 image of the same size, mounted the way
+**The ceiling against fuse2fs.** Last, fuse2fs (an ext4 image of the same size, mounted the way
 ``fio_bench.py`` mounts it) runs the same jobs.  The line ``fuse-floor-ceiling`` divides the ceiling
 variant's rate by fuse2fs's, job by job, from the same run, next to the issue's target for that job
 (``fio_bench.py``'s ratios; ``!`` marks a ceiling under its target): where it is under, no pyfuse3
-filesystem that keeps xattrs and does real work reaches the target on this machine.
+filesystem that keeps xattrs and does real work reaches the target on this machine.  Two jobs are
+exceptions, whose figure is no ceiling: the listings, built name by name from Python through
+``pyfuse3.readdir_reply`` (compiled code could build replies faster), and the unlinks after them,
+which here need a LOOKUP each because the listing named no inodes (SovFS's listings carry attributes).
 ``fuse-floor-ceiling-noxattrs`` is the same for the variant without xattrs.  The warm random reads
 (``-warm``) find every byte in the host's page cache; ``randread-nj1`` runs, as ``fio_bench.py``'s
 does, after ``drop_caches`` and in that script's proportions, so the ceiling variants' ``pread`` and
