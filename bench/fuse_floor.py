@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import shutil
@@ -378,13 +379,27 @@ def run_fio(mnt: Path, job: str, seconds: float) -> tuple[float, int]:
 
 
 def run_meta(mnt: Path, job: str, files: int = META_FILES) -> tuple[float, int]:
-    """(operations per second, operations) of one metadata phase, by fio_bench.py's harness."""
+    """(operations per second, operations) of one metadata phase, by fio_bench.py's harness.
+
+    A listing must name every file and directory the create phase made: a filesystem whose listing
+    came back short would look faster than it is, so that stops the run."""
     phase, layout = META_JOBS[job]
     argv = [sys.executable, str(ROOT / "bench" / "fio_bench.py"), "--meta-worker", phase, str(mnt),
             str(files), layout]  # fmt: skip
     out = subprocess.run(argv, check=True, capture_output=True, text=True, cwd="/").stdout
     secs, ops = json.loads(out.strip().splitlines()[-1])
+    if phase == "readdir" and ops != (want := _listed_names(files, layout)):
+        raise RuntimeError(f"{job}: the listing named {ops} entries, {want} expected")
     return ops / secs, int(ops)
+
+
+def _listed_names(files: int, layout: str) -> int:
+    """The names fio_bench.py's listing phase sees: every file, and every directory but the top one."""
+    bench = str(ROOT / "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    dirs, paths = importlib.import_module("fio_bench").meta_paths(Path("/"), files, layout)
+    return len(paths) + len(dirs) - 1
 
 
 def run_getxattr(mnt: Path, seconds: float) -> tuple[float, int]:
