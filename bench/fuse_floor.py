@@ -274,7 +274,16 @@ def trivial_mount(
 ) -> Iterator[int]:
     argv = [sys.executable, "-c", _TRIVIAL_FS, str(mnt), str(FILE_BYTES), variant, wait, str(ROOT),
             "perms" if perms else "noperms", str(data) if data else "-"]  # fmt: skip
-    proc = subprocess.Popen(argv, cwd="/")
+    with _daemon(argv, mnt) as pid:
+        yield pid
+
+
+@contextlib.contextmanager
+def _daemon(argv: list[str], mnt: Path, quiet: bool = False) -> Iterator[int]:
+    """Run a FUSE daemon that mounts ``mnt`` and stays in the foreground; yield its pid once the mount
+    is there, then unmount it and reap the daemon (killed if it has not exited within 30 s)."""
+    out = subprocess.DEVNULL if quiet else None
+    proc = subprocess.Popen(argv, cwd="/", stdout=out, stderr=out)
     try:
         _wait_mounted(mnt, proc)
         yield proc.pid
@@ -351,20 +360,10 @@ def fuse2fs_mount(work: Path, mnt: Path) -> Iterator[int]:
     with open(img, "wb") as f:
         f.truncate(1 << 30)
     subprocess.run(["mkfs.ext4", "-F", "-q", str(img)], check=True, capture_output=True)
-    proc = subprocess.Popen(["fuse2fs", str(img), str(mnt), "-o", "fakeroot", "-f"], cwd="/",
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        _wait_mounted(mnt, proc)
+    with _daemon(["fuse2fs", str(img), str(mnt), "-o", "fakeroot", "-f"], mnt, quiet=True) as pid:
         _fill(mnt)
         _read_through(img)  # its random reads, like the trivial filesystem's, wait for no disk
-        yield proc.pid
-    finally:
-        _unmount(mnt)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        yield pid
 
 
 def run_fio(mnt: Path, job: str, seconds: float) -> tuple[float, int]:
